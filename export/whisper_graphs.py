@@ -1,0 +1,102 @@
+"""Whisper as two fixed-shape graphs with explicit state.
+
+- `encoder`: log-mel `[1, n_mels, 3000]` -> per-layer cross-attention K/V `[1, heads, 1500, head_dim]`.
+  Projecting K/V once per window here saves every decoder step from doing it.
+- `decoder`: one token at `position` plus per-layer self-attention K/V `[1, heads, T_max, head_dim]`
+  -> logits and only the new K/V row, which the runtime writes into its buffer at `position`.
+
+The step modules reuse the transformers model's own weights but compute attention themselves over
+plain tensors: no Cache object or mask factory is traced, so the graph has no dynamic axes and no
+cache bookkeeping (DESIGN.md section 2). Parity against the transformers forward proves the two agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import WhisperForConditionalGeneration
+
+
+class WhisperEncoderGraph(nn.Module):
+    """mel -> cross K/V for every decoder layer."""
+
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+        super().__init__()
+        self.encoder = model.model.encoder
+        self.cross = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
+        self.heads = model.config.decoder_attention_heads
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.encoder(input_features=mel).last_hidden_state
+        out: list[torch.Tensor] = []
+        b, t, d = hidden.shape
+        for attn in self.cross:
+            k = attn.k_proj(hidden).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            v = attn.v_proj(hidden).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            out += [k, v]
+        return tuple(out)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+class WhisperDecoderStep(nn.Module):
+    """One decoder token with static self-attention KV; returns logits and the new K/V rows."""
+
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+        super().__init__()
+        dec = model.model.decoder
+        self.dec = dec
+        self.heads = model.config.decoder_attention_heads
+        self.embed_scale = float(dec.embed_scale)
+        self.t_max = dec.embed_positions.weight.shape[0]
+        # logits = h @ E^T; kept tied so the file carries the vocabulary matrix once.
+        self.proj = model.proj_out
+
+    def _self_attention(self, layer: nn.Module, x: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, valid: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        q = _split_heads(attn.q_proj(x) * attn.scaling, self.heads)
+        k_new = _split_heads(attn.k_proj(x), self.heads)
+        v_new = _split_heads(attn.v_proj(x), self.heads)
+        # Attend over the cached rows before `position` plus this step's own row; concatenation
+        # instead of an in-graph cache write keeps the cache an input only.
+        keys = torch.cat([k_cache, k_new], dim=2)
+        values = torch.cat([v_cache, v_new], dim=2)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) + valid
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), values)
+        ctx = ctx.transpose(1, 2).reshape(x.shape)
+        return attn.out_proj(ctx), k_new, v_new
+
+    def _cross_attention(self, layer: nn.Module, x: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> torch.Tensor:
+        attn = layer.encoder_attn
+        q = _split_heads(attn.q_proj(x) * attn.scaling, self.heads)
+        ctx = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
+        return attn.out_proj(ctx.transpose(1, 2).reshape(x.shape))
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor,
+                *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self.dec.layers)
+        self_kv, cross_kv = states[: 2 * n], states[2 * n:]
+        x = self.dec.embed_tokens(tokens) * self.embed_scale
+        x = x + self.dec.embed_positions.weight.index_select(0, position).unsqueeze(0)
+        # additive mask over T_max cached rows + 1 own row: rows at or after `position` are empty
+        rows = torch.arange(self.t_max, device=tokens.device)
+        cached = torch.where(rows < position, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+        valid = torch.cat([cached, torch.zeros(1, dtype=x.dtype)]).view(1, 1, 1, -1)
+        new_rows: list[torch.Tensor] = []
+        for i, layer in enumerate(self.dec.layers):
+            h, k_new, v_new = self._self_attention(
+                layer, layer.self_attn_layer_norm(x), self_kv[2 * i], self_kv[2 * i + 1], valid)
+            x = x + h
+            x = x + self._cross_attention(layer, layer.encoder_attn_layer_norm(x),
+                                          cross_kv[2 * i], cross_kv[2 * i + 1])
+            h = layer.final_layer_norm(x)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+            new_rows += [k_new, v_new]
+        logits = self.proj(self.dec.layer_norm(x))[:, 0, :]
+        return (logits, *new_rows)

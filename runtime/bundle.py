@@ -1,0 +1,60 @@
+"""Open a bundle folder: manifest, file hashes, sessions and their signatures, all checked
+before any audio is read."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgestream.runtime.errors import BundleError
+from edgestream.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from edgestream.runtime.session import GraphSession, SessionConfig
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle: its folder, manifest, one session per graph, the tokenizer path."""
+
+    root: Path
+    manifest: Manifest
+    sessions: dict[str, GraphSession]
+    tokenizer_path: Path
+
+    @classmethod
+    def open(cls, root: Path, config: SessionConfig | None = None) -> "Bundle":
+        root = Path(root)
+        if not root.is_dir():
+            raise BundleError(f"{root}: bundle folder not found; create one with "
+                              "`edgestream export SOURCE -o DIR`")
+        manifest = load_manifest(root)
+        for g in manifest.graphs:
+            path = root / g.file
+            if not path.is_file():
+                raise BundleError(f"{path}: graph file listed in {MANIFEST_NAME} "
+                                  f"(graphs[{g.name}].file) is missing; re-export the bundle")
+            digest = sha256_file(path)
+            if digest != g.sha256:
+                raise BundleError(f"{path}: sha256 {digest[:12]}... does not match "
+                                  f"{MANIFEST_NAME} graphs[{g.name}].sha256 {g.sha256[:12]}...; "
+                                  "the file was changed or damaged, re-export the bundle")
+        tok = root / manifest.tokenizer.file
+        if not tok.is_file():
+            raise BundleError(f"{tok}: tokenizer file named in {MANIFEST_NAME} tokenizer.file "
+                              "is missing; re-export the bundle")
+        cfg = config or SessionConfig()
+        sessions = {g.name: GraphSession(root / g.file, g, cfg) for g in manifest.graphs}
+        log.info("bundle %s: %s/%s, %d graphs, %d states", root, manifest.family,
+                 manifest.pipeline, len(manifest.graphs), len(manifest.states))
+        return cls(root, manifest, sessions, tok)

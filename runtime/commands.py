@@ -1,0 +1,125 @@
+"""The device-side commands behind the CLI: transcribe, run, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from edgestream.runtime.bundle import Bundle
+from edgestream.runtime.errors import AudioInputError, BundleError
+from edgestream.runtime.events import Ready
+from edgestream.runtime.loop import LoopConfig, run_loop
+from edgestream.runtime.resample import StreamingResampler
+from edgestream.runtime.session import SessionConfig, resolve_providers
+from edgestream.runtime.sinks import CaptionSink, JsonlSink
+from edgestream.runtime.sources import AudioSource, FileSource, PcmStdinSource
+from edgestream.runtime.transcribe import transcribe_audio
+from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad, SileroVad
+from edgestream.runtime.wav import read_wav, to_mono
+from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.whisper_stream import WhisperStreamConfig, WhisperStreamer
+
+DEMO_CLIP = "beckett.wav"
+
+
+def _open(args: argparse.Namespace) -> Bundle:
+    return Bundle.open(args.bundle, SessionConfig(args.provider, args.threads))
+
+
+def transcribe(args: argparse.Namespace) -> int:
+    for f in args.files:  # every file is checked before the first transcript is printed
+        if not Path(f).is_file():
+            raise AudioInputError(f"{f}: no such file")
+    engine = WhisperEngine(_open(args))
+    rate = engine.bundle.manifest.audio.sample_rate
+    for f in args.files:
+        wav = read_wav(f)
+        audio = to_mono(wav.samples)
+        if wav.sample_rate != rate:
+            resampler = StreamingResampler(wav.sample_rate, rate)
+            audio = resampler.process(audio)
+            audio = audio if not (tail := resampler.flush()).size else \
+                __import__("numpy").concatenate([audio, tail])
+        print(f"{f}\t{transcribe_audio(engine, audio)}", flush=True)
+    return 0
+
+
+def _driver(bundle: Bundle, args: argparse.Namespace) -> WhisperStreamer:
+    engine = WhisperEngine(bundle)
+    rate = bundle.manifest.audio.sample_rate
+    vad_kind = args.vad
+    if vad_kind == "auto":
+        vad_kind = "silero" if bundle.manifest.vad else "energy"
+    if vad_kind == "silero":
+        if not bundle.manifest.vad:
+            raise BundleError(f"{bundle.root}: this bundle ships no VAD graph; use --vad energy "
+                              "or re-export with --vad silero")
+        vad = SileroVad(bundle.sessions[bundle.manifest.vad], engine.states, rate)
+    else:
+        vad = EnergyVad(args.energy_threshold_db)
+    endpoint = EndpointConfig(endpoint_ms=args.endpoint_ms)
+    config = WhisperStreamConfig(step_ms=args.step_ms, endpoint=endpoint)
+    return WhisperStreamer(engine, Endpointer(vad, endpoint, rate), engine.tokenizer, config)
+
+
+def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:
+    if args.input == "-":
+        return PcmStdinSource(args.stdin_rate, args.stdin_channels), "stdin (s16le)"
+    if args.input == "mic":
+        from edgestream.runtime.mic import MicSource, resolve_device
+
+        device = resolve_device(args.device)
+        mic = MicSource(device, sample_rate=rate)
+        mic.start()
+        return mic, f"mic: {device.name} @ {mic.sample_rate} Hz"
+    return FileSource(Path(args.input), realtime=args.realtime), args.input
+
+
+def stream(bundle: Bundle, source: AudioSource, label: str, args: argparse.Namespace) -> int:
+    driver = _driver(bundle, args)
+    m = bundle.manifest
+    sink = JsonlSink() if args.jsonl else CaptionSink()
+    provider = bundle.sessions[m.graphs[0].name].session.get_providers()[0]
+    sink.emit(Ready(str(bundle.root), m.family, m.pipeline, provider, m.audio.sample_rate, label))
+    try:
+        run_loop(source, driver, [sink], LoopConfig(m.audio.sample_rate, m.audio.chunk_samples,
+                                                    args.stats_every))
+    finally:
+        source.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        from edgestream.runtime.mic import list_input_devices
+
+        for d in list_input_devices():
+            print(d.describe())
+        return 0
+    if args.bundle is None:
+        raise BundleError("run needs a BUNDLE folder (or --list-devices)")
+    resolve_providers(args.provider)
+    if args.input not in ("mic", "-") and not Path(args.input).is_file():
+        raise AudioInputError(f"{args.input}: no such file (use --input mic, a WAV file, or -)")
+    bundle = _open(args)
+    source, label = _source(args, bundle.manifest.audio.sample_rate)
+    return stream(bundle, source, label, args)
+
+
+def demo(args: argparse.Namespace) -> int:
+    bundle_dir = args.cache / "whisper-tiny.en"
+    if not (bundle_dir / "manifest.json").is_file():
+        print(f"edgestream demo: exporting builtin:whisper-tiny.en to {bundle_dir} (once)...",
+              file=sys.stderr, flush=True)
+        from edgestream.export.build import ExportOptions, export_bundle
+
+        report = export_bundle(ExportOptions("builtin:whisper-tiny.en", bundle_dir, force=True))
+        print(f"edgestream demo: parity ok (max logit diff {report['max_logit_diff']:.2e}, "
+              f"{report['identical_clips']}/{len(report['clips'])} clips identical)",
+              file=sys.stderr, flush=True)
+    bundle = Bundle.open(bundle_dir, SessionConfig(args.provider, args.threads))
+    clip = Path(str(files("edgestream.runtime") / "assets" / DEMO_CLIP))
+    source = FileSource(clip, realtime=not args.fast)
+    return stream(bundle, source, f"{DEMO_CLIP} (demo clip, real-time pace)", args)

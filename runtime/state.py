@@ -1,0 +1,45 @@
+"""Streaming state buffers owned by the runtime: allocated once from the manifest's state pairs,
+fed to graph inputs, updated from graph outputs (replace, or append at a position)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgestream.runtime.manifest import Manifest, StatePair
+
+
+class StateStore:
+    """All state buffers of one stream."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.pairs: dict[str, StatePair] = {s.name: s for s in manifest.states}
+        self.buffers: dict[str, np.ndarray] = {
+            s.name: np.full(s.shape, s.init, dtype=s.dtype) for s in manifest.states}
+        self._inputs: dict[str, list[StatePair]] = {}
+        self._outputs: dict[str, list[StatePair]] = {}
+        for s in manifest.states:
+            self._inputs.setdefault(s.graph, []).append(s)
+            self._outputs.setdefault(s.output_graph, []).append(s)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def feeds(self, graph: str) -> dict[str, np.ndarray]:
+        """The state inputs of `graph`, by input name."""
+        return {s.input: self.buffers[s.name] for s in self._inputs.get(graph, [])}
+
+    def update(self, graph: str, outputs: dict[str, np.ndarray], position: int = 0) -> None:
+        """Take `graph`'s state outputs: replace buffers, or write append slices at `position`."""
+        for s in self._outputs.get(graph, []):
+            out = outputs[s.output]
+            if s.update == "replace":
+                self.buffers[s.name] = out
+            else:
+                index = [slice(None)] * out.ndim
+                index[s.axis] = slice(position, position + out.shape[s.axis])
+                self.buffers[s.name][tuple(index)] = out
+
+    def reset(self) -> None:
+        for name, s in self.pairs.items():
+            self.buffers[name] = np.full(s.shape, s.init, dtype=s.dtype)
