@@ -60,7 +60,8 @@ def _driver(bundle: Bundle, args: argparse.Namespace) -> WhisperStreamer:
     else:
         vad = EnergyVad(args.energy_threshold_db)
     endpoint = EndpointConfig(endpoint_ms=args.endpoint_ms)
-    config = WhisperStreamConfig(step_ms=args.step_ms, endpoint=endpoint)
+    live = getattr(args, "input", "") in ("mic", "-") or args.realtime
+    config = WhisperStreamConfig(step_ms=args.step_ms, endpoint=endpoint, adaptive_step=live)
     return WhisperStreamer(engine, Endpointer(vad, endpoint, rate), engine.tokenizer, config)
 
 
@@ -121,5 +122,6 @@ def demo(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     bundle = Bundle.open(bundle_dir, SessionConfig(args.provider, args.threads))
     clip = Path(str(files("edgestream.runtime") / "assets" / DEMO_CLIP))
-    source = FileSource(clip, realtime=not args.fast)
+    args.realtime = not args.fast
+    source = FileSource(clip, realtime=args.realtime)
     return stream(bundle, source, f"{DEMO_CLIP} (demo clip, real-time pace)", args)

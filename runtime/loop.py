@@ -23,6 +23,8 @@ from edgestream.runtime.wav import to_mono
 
 log = logging.getLogger(__name__)
 
+LAG_WARN_S = 2.0
+
 
 class Driver(Protocol):
     final_latencies_ms: list[float]
@@ -77,23 +79,29 @@ def run_loop(source: AudioSource, driver: Driver, sinks: Sequence[Sink],
         stats.record(chunk.size, (time.perf_counter() - started) * 1000.0)
         emit(events)
 
-    behind_warned = False
+    started = time.monotonic()
+    max_lag = 0.0
+    behind = False
     for block in source:
         for chunk in chunker.push(resampler.process(to_mono(block))):
             step(chunk)
         t = stats.audio_samples / config.sample_rate
-        if stats.step_ms and stats.step_ms[-1] > 1000.0 * config.chunk_samples / config.sample_rate:
-            if not behind_warned:
-                emit([Notice(t, "behind", "compute is slower than real time on this chunk; "
-                             "queued audio is merged and decoded once")])
-                behind_warned = True
+        # for live input, wall time minus audio time is how far captions trail the speaker
+        lag = time.monotonic() - started - t
+        max_lag = max(max_lag, lag)
+        if lag > LAG_WARN_S and not behind:
+            emit([Notice(t, "behind", f"captions trail the audio by {lag:.1f} s; the driver "
+                         "decodes less often until it catches up")])
+        behind = lag > LAG_WARN_S
         if t >= next_stats:
-            emit([Stats(t, stats.summary(driver.final_latencies_ms, source.counters()))])
+            emit([Stats(t, {**stats.summary(driver.final_latencies_ms, source.counters()),
+                            "max_lag_s": round(max_lag, 3)})])
             next_stats += config.stats_every_s
     tail = np.concatenate([chunker.rest(), resampler.flush()])
     if tail.size:
         step(tail)
     emit(driver.finish())
-    summary = stats.summary(driver.final_latencies_ms, source.counters())
+    summary = {**stats.summary(driver.final_latencies_ms, source.counters()),
+               "max_lag_s": round(max_lag, 3)}
     emit([Stats(stats.audio_samples / config.sample_rate, summary)])
     return summary

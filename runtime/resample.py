@@ -24,6 +24,8 @@ __all__ = ["StreamingResampler"]
 # of roughly +-8 % around the lower Nyquist frequency (see the module tests).
 ZERO_CROSSINGS = 32
 KAISER_BETA = 8.6
+# Outputs computed per gather in the multi-phase path (about 1.5 MB of windows at 44.1 kHz).
+_GATHER_OUTPUTS = 2048
 
 
 class StreamingResampler:
@@ -111,9 +113,14 @@ class StreamingResampler:
             frames = windows[first :: self._down][: k_end - self._k]
             out = np.einsum("ij,j->i", frames, self._weights[0])
         else:
-            pos = np.arange(self._k, k_end, dtype=np.int64) * self._down
-            start = pos // self._up + self._first_tap - self._buf_start
-            out = np.einsum("ij,ij->i", windows[start], self._weights[pos % self._up])
+            out = np.empty(k_end - self._k, dtype=np.float32)
+            # The gathered windows are outputs x taps floats: bound them so one call with a whole
+            # file does not allocate gigabytes.
+            for k0 in range(self._k, k_end, _GATHER_OUTPUTS):
+                pos = np.arange(k0, min(k0 + _GATHER_OUTPUTS, k_end), dtype=np.int64) * self._down
+                start = pos // self._up + self._first_tap - self._buf_start
+                part = np.einsum("ij,ij->i", windows[start], self._weights[pos % self._up])
+                out[k0 - self._k : k0 - self._k + part.shape[0]] = part
         self._k = k_end
         keep_from = (k_end * self._down) // self._up + self._first_tap
         self._buf = self._buf[keep_from - self._buf_start :]

@@ -76,6 +76,7 @@ class EndpointConfig:
 class VadEvent:
     kind: str  # "start" or "end"
     sample: int  # stream position of the speech start, or of the speech end
+    decided: int  # stream position at which the endpointer decided
 
 
 class Endpointer:
@@ -111,13 +112,14 @@ class Endpointer:
                 self.last_speech_end = self.position
                 if not self.in_speech and self._ms(self._speech_run) >= self.config.min_speech_ms:
                     self.in_speech = True
-                    events.append(VadEvent("start", self.position - self._speech_run * FRAME))
+                    events.append(VadEvent("start", self.position - self._speech_run * FRAME,
+                                          self.position))
             else:
                 self._speech_run = 0
                 self._silence_run += 1
                 if self.in_speech and self._ms(self._silence_run) >= self.config.endpoint_ms:
                     self.in_speech = False
-                    events.append(VadEvent("end", self.last_speech_end))
+                    events.append(VadEvent("end", self.last_speech_end, self.position))
         self._pending = buf[n * FRAME:].copy()
         return events
 

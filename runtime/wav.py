@@ -15,6 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class _Format:
     bits: int  # container bits per sample
 
 
-def read_wav(path: Path) -> WavAudio:
+def read_wav(path: Path | str) -> WavAudio:
     """Read a RIFF/WAVE file into float32 samples shaped ``[frames, channels]``.
 
     Integer PCM is scaled by its full-scale value (so 16-bit -32768 maps to -1.0); float data is
@@ -116,7 +117,7 @@ def read_wav(path: Path) -> WavAudio:
     return WavAudio(samples=samples, sample_rate=fmt.sample_rate, path=path)
 
 
-def _read_chunks(f, path: Path, file_size: int) -> tuple[_Format, bytes]:
+def _read_chunks(f: BinaryIO, path: Path, file_size: int) -> tuple[_Format, bytes]:
     """Walk the RIFF chunk list; return the parsed fmt chunk and the data chunk's bytes."""
     header = f.read(12)
     if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":

@@ -31,6 +31,7 @@ class WhisperStreamConfig:
     preroll_ms: int = 320
     max_repeats: int = 4
     tokens_per_second: float = 8.0
+    adaptive_step: bool = False  # live input: decode less often when compute falls behind
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
 
 
@@ -52,6 +53,7 @@ class WhisperStreamer:
         self.line = 0
         self.active = False
         self._since_decode = 0
+        self._catch_up = 0
         self._last_partial = ""
         self.final_latencies_ms: list[float] = []
         self._word_cache: dict[int, bool] = {}
@@ -80,16 +82,17 @@ class WhisperStreamer:
                 events.append(SpeechStarted(self.line, vad.sample / self.rate))
             elif vad.kind == "end" and self.active:
                 started = time.perf_counter()
-                events += self._finalize("endpoint")
+                # cut in the middle of the pause: audio after it may hold the next utterance
+                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2)
                 compute = (time.perf_counter() - started) * 1000.0
-                waited = (self.endpointer.position - vad.sample) * 1000.0 / self.rate
+                waited = (vad.decided - vad.sample) * 1000.0 / self.rate
                 self.final_latencies_ms.append(waited + compute)
         if not self.active:
             self._drop_silence()
             return events
         if self.buffer.size >= self.window - self.step:
             return events + self._finalize("window")
-        if self._since_decode >= self.step:
+        if self._since_decode >= max(self.step, self._catch_up):
             events += self._decode_step()
         return events
 
@@ -105,10 +108,15 @@ class WhisperStreamer:
 
     def _hypothesis(self) -> list[int]:
         self._since_decode = 0
+        started = time.perf_counter()
         self.engine.encode(self.buffer)
         budget = int(self.buffer.size / self.rate * self.config.tokens_per_second) + 8
         out = self.engine.decode(self.agreement.committed, timestamps=True, max_new=budget,
                                  max_repeats=self.config.max_repeats)
+        # When one decode takes longer than a step of audio, decode less often instead of
+        # letting latency grow: the next decode waits for 1.25x this decode's compute.
+        if self.config.adaptive_step:
+            self._catch_up = int((time.perf_counter() - started) * 1.25 * self.rate)
         return self.agreement.committed + list(out.tokens)
 
     def _decode_step(self) -> list[Event]:
@@ -135,8 +143,12 @@ class WhisperStreamer:
             self._last_partial = full
         return events
 
-    def _finalize(self, reason: str) -> list[Event]:
+    def _finalize(self, reason: str, upto: int | None = None) -> list[Event]:
         events: list[Event] = []
+        keep = np.zeros(0, dtype=np.float32)
+        if upto is not None:
+            split = max(0, upto - self.buffer_start)
+            self.buffer, keep = self.buffer[:split], self.buffer[split:]
         if self.buffer.size:
             hyp = self._hypothesis()
             self.agreement.update(hyp, complete=True)
@@ -148,6 +160,6 @@ class WhisperStreamer:
         self.agreement.reset()
         self._last_partial = ""
         self.buffer_start += self.buffer.size
-        self.buffer = np.zeros(0, dtype=np.float32)
+        self.buffer = keep
         self.active = self.endpointer.in_speech if reason == "window" else False
         return events
