@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up edgestream in .venv/ (repository root) on a fresh machine, then run the demo or the tests.
+#   bash devices/setup.sh demo   # export Whisper tiny.en offline once, stream a clip with captions
+#   bash devices/setup.sh test   # the whole test suite
+#   bash devices/setup.sh        # set up only
+# EDGESTREAM_TORCH overrides the torch requirement (default torch==2.13.0; install the CUDA build
+# you want first if the workstation has a GPU). Needs Python >= 3.10 with venv.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mode=${1:-setup}
+python=${PYTHON:-python3}
+
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+  echo "edgestream needs Python 3.10 or newer; found $("$python" --version 2>&1)" >&2; exit 1; }
+
+# pyaudio has no Linux wheels: it compiles against PortAudio's headers.
+if [ ! -e /usr/include/portaudio.h ]; then
+  if command -v apt-get >/dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    echo "installing PortAudio headers (portaudio19-dev) for pyaudio..." >&2
+    $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq portaudio19-dev >/dev/null
+  else
+    echo "pyaudio needs PortAudio's headers and a C compiler: install portaudio19-dev (Debian," \
+         "Ubuntu, JetPack) or portaudio (Homebrew, dnf), then rerun" >&2
+    exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+"${pip[@]}" "${EDGESTREAM_TORCH:-torch==2.13.0}"
+"${pip[@]}" -e '.[dev]'
+
+case "$mode" in
+  demo) exec .venv/bin/edgestream demo ;;
+  test) exec .venv/bin/python -m pytest -q ;;
+  setup) echo "ready: .venv/bin/edgestream --help" ;;
+  *) echo "unknown mode $mode (use demo, test or nothing)" >&2; exit 2 ;;
+esac
