@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from optimum.utils import NormalizedConfigManager
 from tokenizers import Tokenizer
 from transformers import WhisperForConditionalGeneration
 
@@ -93,8 +94,10 @@ def export_whisper_graphs(parts: WhisperParts, out: Path) -> dict:
     """Write encoder.onnx, decoder.onnx and tokenizer.json into `out`; return the manifest dict
     (without parity, which the caller adds after checking)."""
     cfg = parts.model.config
+    # optimum's normalized view reads width/heads/vocab the same way for every Whisper-like config
+    norm = NormalizedConfigManager.get_normalized_config_class("whisper")(cfg)
     n_frames = 2 * cfg.max_source_positions
-    heads, d = cfg.decoder_attention_heads, cfg.d_model
+    heads, d = norm.num_attention_heads, norm.hidden_size
     head_dim = d // heads
     t_max = cfg.max_target_positions
     mel = torch.zeros(1, cfg.num_mel_bins, n_frames)
@@ -136,5 +139,5 @@ def export_whisper_graphs(parts: WhisperParts, out: Path) -> dict:
                      "suppress_at_begin": list(parts.suppress_at_begin)},
         "extra": {"model": {"d_model": d, "encoder_layers": cfg.encoder_layers,
                             "decoder_layers": cfg.decoder_layers, "heads": heads,
-                            "vocab": cfg.vocab_size}},
+                            "vocab": norm.vocab_size}},
     }
