@@ -97,7 +97,7 @@ def export_whisper_graphs(parts: WhisperParts, out: Path) -> dict:
     # optimum's normalized view reads width/heads/vocab the same way for every Whisper-like config
     norm = NormalizedConfigManager.get_normalized_config_class("whisper")(cfg)
     n_frames = 2 * cfg.max_source_positions
-    heads, d = norm.num_attention_heads, norm.hidden_size
+    heads, d = cfg.decoder_attention_heads, norm.hidden_size
     head_dim = d // heads
     t_max = cfg.max_target_positions
     mel = torch.zeros(1, cfg.num_mel_bins, n_frames)
