@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from edgestream.runtime.errors import BundleError
 from edgestream.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from edgestream.runtime.session import GraphSession, SessionConfig
@@ -31,6 +33,7 @@ class Bundle:
     manifest: Manifest
     sessions: dict[str, GraphSession]
     tokenizer_path: Path
+    tokenizer: Tokenizer
 
     @classmethod
     def open(cls, root: Path, config: SessionConfig | None = None) -> "Bundle":
@@ -53,8 +56,13 @@ class Bundle:
         if not tok.is_file():
             raise BundleError(f"{tok}: tokenizer file named in {MANIFEST_NAME} tokenizer.file "
                               "is missing; re-export the bundle")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise BundleError(f"{tok}: not a readable tokenizers file ({e}); re-export the "
+                              "bundle") from e
         cfg = config or SessionConfig()
         sessions = {g.name: GraphSession(root / g.file, g, cfg) for g in manifest.graphs}
         log.info("bundle %s: %s/%s, %d graphs, %d states", root, manifest.family,
                  manifest.pipeline, len(manifest.graphs), len(manifest.states))
-        return cls(root, manifest, sessions, tok)
+        return cls(root, manifest, sessions, tok, tokenizer)

@@ -7,6 +7,8 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
+
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError
 from edgestream.runtime.events import Ready
@@ -29,20 +31,16 @@ def _open(args: argparse.Namespace) -> Bundle:
 
 
 def transcribe(args: argparse.Namespace) -> int:
-    for f in args.files:  # every file is checked before the first transcript is printed
-        if not Path(f).is_file():
-            raise AudioInputError(f"{f}: no such file")
+    # every file is read and checked before the first transcript is printed
+    audio = [read_wav(Path(f)) for f in args.files]
     engine = WhisperEngine(_open(args))
     rate = engine.bundle.manifest.audio.sample_rate
-    for f in args.files:
-        wav = read_wav(f)
-        audio = to_mono(wav.samples)
+    for f, wav in zip(args.files, audio):
+        samples = to_mono(wav.samples)
         if wav.sample_rate != rate:
             resampler = StreamingResampler(wav.sample_rate, rate)
-            audio = resampler.process(audio)
-            audio = audio if not (tail := resampler.flush()).size else \
-                __import__("numpy").concatenate([audio, tail])
-        print(f"{f}\t{transcribe_audio(engine, audio)}", flush=True)
+            samples = np.concatenate([resampler.process(samples), resampler.flush()])
+        print(f"{f}\t{transcribe_audio(engine, samples)}", flush=True)
     return 0
 
 
@@ -67,6 +65,10 @@ def _driver(bundle: Bundle, args: argparse.Namespace) -> WhisperStreamer:
 
 def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:
     if args.input == "-":
+        if not 1000 <= args.stdin_rate <= 384000 or not 1 <= args.stdin_channels <= 64:
+            raise AudioInputError(f"stdin: --stdin-rate {args.stdin_rate} / --stdin-channels "
+                                  f"{args.stdin_channels} is not a usable PCM format; give the "
+                                  "rate in Hz (e.g. 16000) and the channel count (e.g. 1)")
         return PcmStdinSource(args.stdin_rate, args.stdin_channels), "stdin (s16le)"
     if args.input == "mic":
         from edgestream.runtime.mic import MicSource, resolve_device

@@ -142,6 +142,14 @@ def _req(obj: dict[str, Any], key: str, where: str) -> Any:
     return obj[key]
 
 
+def _number(obj: dict[str, Any], key: str, where: str, kind: type = int,
+            default: Any = None) -> Any:
+    value = obj.get(key, default) if default is not None else _req(obj, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BundleError(f"{MANIFEST_NAME}: field {where}.{key} must be a number, got {value!r}")
+    return kind(value)
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and d > 0 for d in value):
         raise BundleError(f"{MANIFEST_NAME}: {where} must be a list of positive integers (static "
@@ -164,6 +172,9 @@ def _tensor(obj: dict[str, Any], where: str) -> TensorSpec:
 
 def _graph(obj: dict[str, Any], i: int) -> GraphSpec:
     w = f"graphs[{i}]"
+    for key in ("name", "file", "sha256"):
+        if not isinstance(_req(obj, key, w), str):
+            raise BundleError(f"{MANIFEST_NAME}: {w}.{key} must be a string")
     return GraphSpec(
         name=_req(obj, "name", w), file=_req(obj, "file", w), sha256=_req(obj, "sha256", w),
         precision=obj.get("precision", "fp32"),
@@ -219,6 +230,22 @@ def _check_update_shape(s: StatePair, out: TensorSpec, where: str) -> None:
 
 def parse_manifest(data: dict[str, Any]) -> Manifest:
     """Build a Manifest from decoded JSON, refusing anything inconsistent."""
+    try:
+        return _parse(data)
+    except (TypeError, ValueError, AttributeError) as e:
+        # a field of the wrong JSON type (a number where an object belongs, text for a number)
+        raise BundleError(f"{MANIFEST_NAME}: a field has the wrong type ({e}); re-export the "
+                          "bundle") from e
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = _req(data, key, "manifest")
+    if not isinstance(value, dict):
+        raise BundleError(f"{MANIFEST_NAME}: field {key} must be an object, got {value!r}")
+    return value
+
+
+def _parse(data: dict[str, Any]) -> Manifest:
     version = _req(data, "schema_version", "manifest")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{MANIFEST_NAME}: schema_version {version!r} is not supported by this "
@@ -233,28 +260,30 @@ def parse_manifest(data: dict[str, Any]) -> Manifest:
     if len(by_name) != len(graphs):
         raise BundleError(f"{MANIFEST_NAME}: graph names are not unique")
     states = tuple(_state(s, i, by_name) for i, s in enumerate(data.get("states", [])))
-    audio = _req(data, "audio", "manifest")
-    tok = _req(data, "tokenizer", "manifest")
-    dec = _req(data, "decoding", "manifest")
-    src = _req(data, "source", "manifest")
+    audio, tok = _section(data, "audio"), _section(data, "tokenizer")
+    dec, src = _section(data, "decoding"), _section(data, "source")
+    vad = data.get("vad", "")
+    if vad and vad not in by_name:
+        raise BundleError(f"{MANIFEST_NAME}: field vad names graph {vad!r}, which the bundle "
+                          "does not have")
     return Manifest(
         schema_version=version, family=_req(data, "family", "manifest"), pipeline=pipeline,
         source=SourceInfo(id=_req(src, "id", "source"), kind=src.get("kind", ""),
                           revision=src.get("revision", ""), sha256=src.get("sha256", "")),
         audio=AudioGeometry(
-            sample_rate=int(_req(audio, "sample_rate", "audio")),
-            chunk_samples=int(_req(audio, "chunk_samples", "audio")),
-            lookahead_samples=int(audio.get("lookahead_samples", 0)),
-            frame_rate=float(audio.get("frame_rate", 0.0)),
-            window_samples=int(audio.get("window_samples", 0))),
+            sample_rate=_number(audio, "sample_rate", "audio"),
+            chunk_samples=_number(audio, "chunk_samples", "audio"),
+            lookahead_samples=_number(audio, "lookahead_samples", "audio", int, 0),
+            frame_rate=_number(audio, "frame_rate", "audio", float, 0.0),
+            window_samples=_number(audio, "window_samples", "audio", int, 0)),
         graphs=graphs, states=states,
         tokenizer=TokenizerSpec(file=_req(tok, "file", "tokenizer"),
                                 special={k: int(v) for k, v in tok.get("special", {}).items()}),
-        decoding=DecodingSpec(max_tokens=int(_req(dec, "max_tokens", "decoding")),
+        decoding=DecodingSpec(max_tokens=_number(dec, "max_tokens", "decoding"),
                               prompt=tuple(dec.get("prompt", ())),
                               suppress=tuple(dec.get("suppress", ())),
                               suppress_at_begin=tuple(dec.get("suppress_at_begin", ()))),
-        vad=data.get("vad", ""), parity=data.get("parity", {}), extra=data.get("extra", {}))
+        vad=vad, parity=data.get("parity", {}), extra=data.get("extra", {}))
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
@@ -56,6 +55,11 @@ class WhisperEngine:
         self.mel = WhisperLogMel(n_mels=mel_spec.shape[1], n_samples=m.audio.window_samples)
         self.states = StateStore(m)
         sp = m.tokenizer.special
+        missing = {"sot", "eot"} - set(sp)
+        if missing or not {"encoder", "decoder"} <= set(bundle.sessions):
+            raise BundleError(f"{bundle.root}/manifest.json: a Whisper bundle needs graphs encoder "
+                              f"and decoder and tokenizer.special sot and eot (missing: "
+                              f"{sorted(missing) or 'graphs'}); re-export the bundle")
         self.eot = sp["eot"]
         self.timestamp_begin = sp.get("timestamp_begin", 0)
         self.no_timestamps = sp.get("no_timestamps", -1)
@@ -64,7 +68,7 @@ class WhisperEngine:
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
         self.prompt = tuple(m.decoding.prompt)
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self.tokenizer = bundle.tokenizer
 
     @property
     def window_seconds(self) -> float:
