@@ -72,6 +72,7 @@ def make_engines(bundle_dir: Path, threads: int) -> tuple[dict[str, Transcriber]
     import torch
     from tokenizers import Tokenizer
     from transformers import WhisperFeatureExtractor
+    from transformers.utils import logging as hf_logging
 
     from edgestream.export.ct2_whisper import builtin_folder, load_ct2_whisper
     from edgestream.runtime.bundle import Bundle
@@ -88,6 +89,7 @@ def make_engines(bundle_dir: Path, threads: int) -> tuple[dict[str, Transcriber]
     folder = builtin_folder(BUILTIN)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()  # generate() warns on every call about max_length
     model, _ = load_ct2_whisper(folder)
     extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
 
@@ -172,11 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
     refs = load_refs(args.clips)
     from edgestream.export.wer import word_error_rate
-
     import ctranslate2
     import onnxruntime
     import torch
-
     eager = results["transformers eager"].median
     int8 = results["ctranslate2 int8"].median
     rows = []
