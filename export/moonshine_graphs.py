@@ -37,13 +37,15 @@ def attention_spans(windows: list[list[int]], semantics: str) -> list[tuple[int,
     window (16, 4) is 15 past and 3 future frames. "inclusive" reads it as 16 past and 4 future.
     """
     if semantics not in WINDOW_SEMANTICS:
-        raise ValueError(f"window_semantics {semantics!r}: use one of {', '.join(WINDOW_SEMANTICS)}")
+        raise ValueError(f"window_semantics {semantics!r}: use one of "
+                         f"{', '.join(WINDOW_SEMANTICS)}")
     spans = []
     for left, right in windows:
         if left < 1 or right < 0:
             raise ValueError(f"sliding window ({left}, {right}) is not supported: left must be "
                              ">= 1 and right >= 0")
-        spans.append((left - 1, max(right - 1, 0)) if semantics == "transformers" else (left, right))
+        inclusive = semantics == "inclusive"
+        spans.append((left, right) if inclusive else (left - 1, max(right - 1, 0)))
     return spans
 
 

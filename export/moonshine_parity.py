@@ -59,7 +59,8 @@ def _load(clip: Path | np.ndarray, sample_rate: int, frame_len: int) -> tuple[st
     else:
         wav = read_wav(clip)
         if wav.sample_rate != sample_rate:
-            raise ExportError(f"{clip}: {wav.sample_rate} Hz; parity clips must be {sample_rate} Hz")
+            raise ExportError(f"{clip}: {wav.sample_rate} Hz; parity clips must be "
+                              f"{sample_rate} Hz")
         name, audio = Path(clip).name, to_mono(wav.samples).astype(np.float32)
     # transformers' embedder needs whole 5 ms frames
     return name, audio[: audio.size - audio.size % frame_len]
@@ -118,7 +119,8 @@ def _reference_greedy(model: MoonshineStreamingForConditionalGeneration, enc: to
 def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bundle_dir: Path,
                            clips: list[Path] | list[np.ndarray], chunk_frames: int | None = None,
                            max_new: int = 40) -> dict:
-    """Compare the bundle at `bundle_dir` with `model` on `clips`; returns a report with `passed`."""
+    """Compare the bundle at `bundle_dir` with `model` on `clips` (paths to 16 kHz WAV files or
+    float32 sample arrays); returns a report with `passed`."""
     bundle = Bundle.open(bundle_dir, SessionConfig(provider="cpu"))
     m = bundle.manifest
     if chunk_frames is not None and chunk_frames != m.extra["chunk_frames"]:

@@ -183,7 +183,8 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
             "flush_chunks": math.ceil(lookahead / n),
             "max_memory_frames": max_memory_frames,
             "protocol": {
-                "valid": "encoder frame i is real when samples [320 i, 320 i + 80) hold audio",
+                "valid": f"encoder frame i is real when samples [{frame_samples} i, "
+                         f"{frame_samples} i + {emb.frame_len}) hold audio; flush with zeros",
                 "memory": "append rows where frames_valid is 1 at memory_length; positions = "
                           "each real frame's row index",
                 "decoder": "append new_self_* at position; memory_length = appended rows"},
