@@ -1,4 +1,9 @@
-"""`edgestream export`: SOURCE -> bundle folder, written only when parity passes."""
+"""`edgestream export`: SOURCE -> bundle folder, written only when parity passes.
+
+A recipe per model family knows how to load the source, export its step graphs and check parity;
+this module resolves the source, runs the recipe in a temporary folder next to the output, adds the
+VAD, and moves the folder into place only when the parity check passed.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from edgestream.export.errors import ExportError, ParityError
-from edgestream.export.sources import resolve
+from edgestream.export.sources import ResolvedSource, resolve
 from edgestream.runtime.manifest import MANIFEST_NAME, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -19,7 +25,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ExportOptions:
     """What the user asked for. `parity_audio`: clips for the parity check (default: the demo
-    clip shipped with the runtime)."""
+    clip shipped with the runtime). `chunk_ms`, `window_semantics`, `max_memory_frames` apply to
+    streaming encoders (moonshine_streaming)."""
 
     source: str
     out: Path
@@ -28,6 +35,10 @@ class ExportOptions:
     vad: str = "silero"
     parity_audio: tuple[Path, ...] = field(default_factory=tuple)
     force: bool = False
+    chunk_ms: int = 80
+    window_semantics: str = "transformers"
+    max_memory_frames: int = 0  # 0: 30 s (1500 rows) or the model's limit if smaller
+    max_tokens: int = 256
 
 
 def default_parity_audio() -> tuple[Path, ...]:
@@ -36,23 +47,59 @@ def default_parity_audio() -> tuple[Path, ...]:
     return (Path(str(files("edgestream.runtime") / "assets" / "beckett.wav")),)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one model family is exported: load -> (model, parts), graphs -> manifest dict,
+    parity -> report."""
+
+    load: Callable[[ResolvedSource, ExportOptions], Any]
+    graphs: Callable[[Any, Path, ExportOptions], dict]
+    parity: Callable[[Any, Path, list[Path]], dict]
+
+
+def _whisper() -> Recipe:
+    from edgestream.export.whisper_parity import check_whisper_parity
+    from edgestream.export.whisper_recipe import export_whisper_graphs, load_whisper
+
+    return Recipe(lambda src, o: load_whisper(src, o.revision, o.language),
+                  lambda parts, out, o: export_whisper_graphs(parts, out),
+                  lambda parts, out, clips: check_whisper_parity(parts.model, out, clips))
+
+
+def _moonshine() -> Recipe:
+    from edgestream.export.moonshine_parity import check_moonshine_parity
+    from edgestream.export.moonshine_recipe import export_moonshine_graphs, load_moonshine
+
+    def graphs(parts: Any, out: Path, o: ExportOptions) -> dict:
+        if o.chunk_ms % 20 or not 20 <= o.chunk_ms <= 320:
+            raise ExportError(f"--chunk-ms {o.chunk_ms}: must be a multiple of 20 ms between 20 "
+                              "and 320 (encoder frames are 20 ms)")
+        rows = o.max_memory_frames or min(1500, parts.model.config.max_position_embeddings)
+        return export_moonshine_graphs(parts, out, o.chunk_ms // 20, o.window_semantics, rows,
+                                       o.max_tokens)
+
+    return Recipe(lambda src, o: load_moonshine(src, o.revision), graphs,
+                  lambda parts, out, clips: check_moonshine_parity(parts.model, out, clips))
+
+
+RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
+
+
 def export_bundle(opts: ExportOptions) -> dict:
     """Export, check parity, and move the bundle into place; returns the parity report."""
     if opts.out.exists() and any(opts.out.iterdir()) and not opts.force:
         raise ExportError(f"{opts.out}: output folder exists and is not empty; pass --force "
                           "to replace it")
     src = resolve(opts.source, opts.revision)
-    if src.model_type != "whisper":
+    if src.model_type not in RECIPES:
         raise ExportError(f"{opts.source}: model type {src.model_type!r} has no export recipe "
-                          "yet (supported: whisper)")
-    from edgestream.export.whisper_parity import check_whisper_parity
-    from edgestream.export.whisper_recipe import export_whisper_graphs, load_whisper
-
-    parts = load_whisper(src, opts.revision, opts.language)
+                          f"yet (supported: {', '.join(RECIPES)})")
+    recipe = RECIPES[src.model_type]()
+    parts = recipe.load(src, opts)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.parent))
     try:
-        data = export_whisper_graphs(parts, tmp)
+        data = recipe.graphs(parts, tmp, opts)
         if opts.vad == "silero":
             from edgestream.export.vad import add_silero_vad
 
@@ -62,8 +109,7 @@ def export_bundle(opts: ExportOptions) -> dict:
             data["vad"] = "vad"
         parse_manifest(data)  # the same checks the device will run
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
-        clips = list(opts.parity_audio or default_parity_audio())
-        report = check_whisper_parity(parts.model, tmp, clips)
+        report = recipe.parity(parts, tmp, list(opts.parity_audio or default_parity_audio()))
         data["parity"] = report
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
         if not report["passed"]:

@@ -16,13 +16,17 @@ def run_export(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     opts = ExportOptions(source=args.source, out=args.output, revision=args.revision,
                          language=args.language, vad=args.vad,
-                         parity_audio=tuple(args.parity_audio), force=args.force)
+                         parity_audio=tuple(args.parity_audio), force=args.force,
+                         chunk_ms=args.chunk_ms, window_semantics=args.window_semantics,
+                         max_memory_frames=args.max_memory_frames)
     try:
         report = export_bundle(opts)
     except ParityError as e:
         print(json.dumps(e.report, indent=2), file=sys.stderr)
         raise
+    front = ("max mel diff", report["max_mel_diff"]) if "max_mel_diff" in report else \
+        ("max encoder diff", report["max_encoder_diff"])
     print(f"wrote {args.output}: parity passed, max logit diff {report['max_logit_diff']:.2e}, "
-          f"max mel diff {report['max_mel_diff']:.2e}, greedy tokens identical on "
+          f"{front[0]} {front[1]:.2e}, greedy tokens identical on "
           f"{report['identical_clips']}/{len(report['clips'])} clips")
     return 0

@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-audio", nargs="+", type=Path, default=(),
                    help="WAV clips for the parity check (default: the shipped demo clip)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--chunk-ms", type=int, default=80,
+                   help="streaming encoders: audio per encoder step, 20-320 ms (default 80)")
+    p.add_argument("--window-semantics", default="transformers",
+                   choices=["transformers", "inclusive"],
+                   help="moonshine_streaming sliding windows: transformers' mask (16,4) = 15 past "
+                        "+ 3 future frames (default, provable parity) or inclusive 16 + 4")
+    p.add_argument("--max-memory-frames", type=int, default=0,
+                   help="streaming encoders: cross-attention memory rows of 20 ms (default 1500 "
+                        "= 30 s, at most the model's 4096); longer utterances are split")
 
     p = sub.add_parser("transcribe", help="print one transcript line per audio file")
     p.add_argument("bundle", type=Path)
