@@ -69,6 +69,15 @@ class StatePair:
     init: float = 0.0
     update: UpdateKind = "replace"
     axis: int | None = None
+    # further graphs that read this buffer through an input named `input` and update it through
+    # an output named `output` (e.g. a K-token decoder block beside the one-token step)
+    shared_with: tuple[str, ...] = ()
+
+    def reads(self, graph: str) -> bool:
+        return graph == self.graph or graph in self.shared_with
+
+    def writes(self, graph: str) -> bool:
+        return graph == self.output_graph or graph in self.shared_with
 
 
 @dataclass(frozen=True)
@@ -190,11 +199,15 @@ def _state(obj: dict[str, Any], i: int, graphs: dict[str, GraphSpec]) -> StatePa
         output_graph=obj.get("output_graph", obj.get("graph")), output=_req(obj, "output", w),
         shape=_shape(_req(obj, "shape", w), f"{w}.shape"),
         dtype=_dtype(_req(obj, "dtype", w), f"{w}.dtype"), init=float(obj.get("init", 0.0)),
-        update=obj.get("update", "replace"), axis=obj.get("axis"))
+        update=obj.get("update", "replace"), axis=obj.get("axis"),
+        shared_with=tuple(obj.get("shared_with", ())))
     if s.update not in ("replace", "append"):
         raise BundleError(f"{MANIFEST_NAME}: {w}.update must be 'replace' or 'append', "
                           f"got {s.update!r}")
-    for gname, tname, kind in ((s.graph, s.input, "input"), (s.output_graph, s.output, "output")):
+    uses = [(s.graph, s.input, "input"), (s.output_graph, s.output, "output")]
+    for g in s.shared_with:
+        uses += [(g, s.input, "input"), (g, s.output, "output")]
+    for gname, tname, kind in uses:
         g = graphs.get(gname)
         if g is None:
             raise BundleError(f"{MANIFEST_NAME}: {w} ({s.name}) refers to unknown graph {gname!r}")

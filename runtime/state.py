@@ -17,9 +17,9 @@ class StateStore:
             s.name: np.full(s.shape, s.init, dtype=s.dtype) for s in manifest.states}
         self._inputs: dict[str, list[StatePair]] = {}
         self._outputs: dict[str, list[StatePair]] = {}
-        for s in manifest.states:
-            self._inputs.setdefault(s.graph, []).append(s)
-            self._outputs.setdefault(s.output_graph, []).append(s)
+        for g in manifest.graphs:
+            self._inputs[g.name] = [s for s in manifest.states if s.reads(g.name)]
+            self._outputs[g.name] = [s for s in manifest.states if s.writes(g.name)]
 
     @property
     def nbytes(self) -> int:
@@ -40,6 +40,8 @@ class StateStore:
                 index[s.axis] = slice(position, position + out.shape[s.axis])
                 self.buffers[s.name][tuple(index)] = out
 
-    def reset(self) -> None:
+    def reset(self, graphs: set[str] | None = None) -> None:
+        """Back to the initial values: every buffer, or those read by any of `graphs`."""
         for name, s in self.pairs.items():
-            self.buffers[name] = np.full(s.shape, s.init, dtype=s.dtype)
+            if graphs is None or any(s.reads(g) for g in graphs):
+                self.buffers[name] = np.full(s.shape, s.init, dtype=s.dtype)
