@@ -25,7 +25,10 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", action="store_true", help="events as JSON lines on stdout")
-    p.add_argument("--step-ms", type=int, default=500, help="re-decode cadence (default 500)")
+    p.add_argument("--step-ms", type=int, default=500,
+                   help="Whisper: re-decode cadence of the window (default 500)")
+    p.add_argument("--partial-ms", type=int, default=200,
+                   help="streaming encoders: re-decode cadence of the line (default 200)")
     p.add_argument("--endpoint-ms", type=int, default=640,
                    help="trailing silence that ends an utterance (default 640)")
     p.add_argument("--vad", default="auto", choices=["auto", "silero", "energy"],

@@ -12,10 +12,13 @@ import numpy as np
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError
 from edgestream.runtime.events import Ready
-from edgestream.runtime.loop import LoopConfig, run_loop
+from edgestream.runtime.loop import Driver, LoopConfig, run_loop
+from edgestream.runtime.moonshine import StreamingEncDecEngine
+from edgestream.runtime.moonshine_stream import StreamingConfig, StreamingEncDecStreamer
 from edgestream.runtime.resample import StreamingResampler
 from edgestream.runtime.session import SessionConfig, resolve_providers
 from edgestream.runtime.sinks import CaptionSink, JsonlSink
+from edgestream.runtime.state import StateStore
 from edgestream.runtime.sources import AudioSource, FileSource, PcmStdinSource
 from edgestream.runtime.transcribe import transcribe_audio
 from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad, SileroVad
@@ -44,8 +47,7 @@ def transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _driver(bundle: Bundle, args: argparse.Namespace) -> WhisperStreamer:
-    engine = WhisperEngine(bundle)
+def _endpointer(bundle: Bundle, states: StateStore, args: argparse.Namespace) -> Endpointer:
     rate = bundle.manifest.audio.sample_rate
     vad_kind = args.vad
     if vad_kind == "auto":
@@ -54,13 +56,27 @@ def _driver(bundle: Bundle, args: argparse.Namespace) -> WhisperStreamer:
         if not bundle.manifest.vad:
             raise BundleError(f"{bundle.root}: this bundle ships no VAD graph; use --vad energy "
                               "or re-export with --vad silero")
-        vad = SileroVad(bundle.sessions[bundle.manifest.vad], engine.states, rate)
+        vad: EnergyVad | SileroVad = SileroVad(bundle.sessions[bundle.manifest.vad], states, rate)
     else:
         vad = EnergyVad(args.energy_threshold_db)
+    return Endpointer(vad, EndpointConfig(endpoint_ms=args.endpoint_ms), rate)
+
+
+def _driver(bundle: Bundle, args: argparse.Namespace) -> Driver:
+    """The pipeline driver the manifest asks for."""
     endpoint = EndpointConfig(endpoint_ms=args.endpoint_ms)
+    if bundle.manifest.pipeline == "streaming_encoder_decoder":
+        engine = StreamingEncDecEngine(bundle)
+        config = StreamingConfig(partial_ms=args.partial_ms, endpoint=endpoint)
+        return StreamingEncDecStreamer(engine, _endpointer(bundle, engine.states, args), config)
+    if bundle.manifest.pipeline != "whisper_window":
+        raise BundleError(f"{bundle.root}: pipeline {bundle.manifest.pipeline!r} has no driver "
+                          "in this runtime yet; upgrade edgestream")
+    whisper = WhisperEngine(bundle)
     live = getattr(args, "input", "") in ("mic", "-") or args.realtime
     config = WhisperStreamConfig(step_ms=args.step_ms, endpoint=endpoint, adaptive_step=live)
-    return WhisperStreamer(engine, Endpointer(vad, endpoint, rate), engine.tokenizer, config)
+    return WhisperStreamer(whisper, _endpointer(bundle, whisper.states, args), whisper.tokenizer,
+                           config)
 
 
 def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:

@@ -27,7 +27,8 @@ LAG_WARN_S = 2.0
 
 
 class Driver(Protocol):
-    final_latencies_ms: list[float]
+    final_latencies_ms: list[float]  # end of speech -> final, ms (waiting + compute)
+    final_compute_ms: list[float]  # compute spent producing each endpoint final
 
     def feed(self, audio: np.ndarray) -> list[Event]: ...
 
@@ -94,14 +95,16 @@ def run_loop(source: AudioSource, driver: Driver, sinks: Sequence[Sink],
                          "decodes less often until it catches up")])
         behind = lag > LAG_WARN_S
         if t >= next_stats:
-            emit([Stats(t, {**stats.summary(driver.final_latencies_ms, source.counters()),
+            emit([Stats(t, {**stats.summary(driver.final_latencies_ms, source.counters(),
+                                           driver.final_compute_ms),
                             "max_lag_s": round(max_lag, 3)})])
             next_stats += config.stats_every_s
     tail = np.concatenate([chunker.rest(), resampler.flush()])
     if tail.size:
         step(tail)
     emit(driver.finish())
-    summary = {**stats.summary(driver.final_latencies_ms, source.counters()),
+    summary = {**stats.summary(driver.final_latencies_ms, source.counters(),
+                                           driver.final_compute_ms),
                "max_lag_s": round(max_lag, 3)}
     emit([Stats(stats.audio_samples / config.sample_rate, summary)])
     return summary

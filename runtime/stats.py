@@ -19,7 +19,8 @@ class StreamStats:
         self.audio_samples += samples
         self.step_ms.append(compute_ms)
 
-    def summary(self, final_latencies_ms: list[float], counters: dict[str, int]) -> dict:
+    def summary(self, final_latencies_ms: list[float], counters: dict[str, int],
+                final_compute_ms: list[float] | None = None) -> dict:
         audio_s = self.audio_samples / self.rate
         steps = np.array(self.step_ms) if self.step_ms else np.zeros(1)
         out = {
@@ -37,4 +38,7 @@ class StreamStats:
         if final_latencies_ms:
             out["eos_to_final_ms_p50"] = round(float(np.percentile(final_latencies_ms, 50)), 1)
             out["eos_to_final_ms_max"] = round(float(max(final_latencies_ms)), 1)
+        if final_compute_ms:
+            out["final_compute_ms_p50"] = round(float(np.percentile(final_compute_ms, 50)), 1)
+            out["final_compute_ms_max"] = round(float(max(final_compute_ms)), 1)
         return out

@@ -56,6 +56,7 @@ class WhisperStreamer:
         self._catch_up = 0
         self._last_partial = ""
         self.final_latencies_ms: list[float] = []
+        self.final_compute_ms: list[float] = []
         self._word_cache: dict[int, bool] = {}
 
     def _word_start(self, token: int) -> bool:
@@ -85,6 +86,7 @@ class WhisperStreamer:
                 # cut in the middle of the pause: audio after it may hold the next utterance
                 events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2)
                 compute = (time.perf_counter() - started) * 1000.0
+                self.final_compute_ms.append(compute)
                 waited = (vad.decided - vad.sample) * 1000.0 / self.rate
                 self.final_latencies_ms.append(waited + compute)
         if not self.active:

@@ -1,0 +1,119 @@
+"""A streaming encoder-decoder bundle (moonshine_streaming): every audio frame is encoded once.
+
+The engine follows the protocol the recipe writes into `manifest.extra.protocol`: the encoder
+steps one chunk at a time (its conv carries and per-layer histories are `replace` states), the
+memory graph turns each real encoder frame into cross-attention K/V rows appended at the memory
+length, and the decoder greedily decodes the current line over that memory.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edgestream.runtime.bundle import Bundle
+from edgestream.runtime.errors import BundleError
+from edgestream.runtime.state import StateStore
+from edgestream.runtime.whisper import repeats_too_often
+
+MODEL_GRAPHS = {"encoder", "memory", "decoder", "decoder_block"}
+
+
+class StreamingEncDecEngine:
+    """Encoder/memory stepping and greedy decoding for a `streaming_encoder_decoder` bundle."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        m = bundle.manifest
+        if m.pipeline != "streaming_encoder_decoder":
+            raise BundleError(f"{bundle.root}: pipeline {m.pipeline!r} is not a streaming "
+                              "encoder-decoder bundle")
+        needed = ("chunk_frames", "frame_samples", "flush_chunks", "max_memory_frames",
+                  "encoder_lookahead_frames")
+        missing = [k for k in needed if k not in m.extra]
+        if missing or "eos" not in m.tokenizer.special or not m.decoding.prompt:
+            raise BundleError(f"{bundle.root}/manifest.json: extra.{missing or 'tokenizer'} "
+                              "missing for a streaming encoder-decoder; re-export the bundle")
+        self.bundle = bundle
+        self.n = int(m.extra["chunk_frames"])
+        self.frame_samples = int(m.extra["frame_samples"])
+        self.chunk = m.audio.chunk_samples
+        self.flush_chunks = int(m.extra["flush_chunks"])
+        self.lookahead = int(m.extra["encoder_lookahead_frames"])
+        self.m_max = int(m.extra["max_memory_frames"])
+        self.prompt = tuple(m.decoding.prompt)
+        self.eos = m.tokenizer.special["eos"]
+        self.t_max = m.decoding.max_tokens
+        self.encoder = bundle.sessions["encoder"]
+        self.memory = bundle.sessions["memory"]
+        self.decoder = bundle.sessions["decoder"]
+        self.states = StateStore(m)
+        self.tokenizer = bundle.tokenizer
+        self.memory_length = 0
+        self._positions = np.zeros((1, self.n), dtype=np.int64)
+
+    def reset(self) -> None:
+        """Start a new utterance: encoder carries, memory and caches back to zero."""
+        self.states.reset(MODEL_GRAPHS)
+        self.memory_length = 0
+
+    @property
+    def room(self) -> int:
+        """Memory rows still free, minus what a flush may still append."""
+        return self.m_max - self.memory_length - self.lookahead
+
+    def push(self, chunk: np.ndarray, valid_frames: int | None = None) -> int:
+        """Encode one chunk (`chunk_samples` samples; `valid_frames` of its frames are real audio,
+        the rest zero padding) and append its real frames to the memory; returns rows added."""
+        valid = np.zeros((1, self.n), dtype=np.float32)
+        valid[0, : self.n if valid_frames is None else valid_frames] = 1.0
+        outs = self.encoder.run({"audio": chunk.reshape(1, -1).astype(np.float32),
+                                 "valid": valid, **self.states.feeds("encoder")})
+        self.states.update("encoder", outs)
+        real = np.flatnonzero(outs["frames_valid"][0] > 0.5)[: self.m_max - self.memory_length]
+        if real.size == 0:
+            return 0
+        self._positions[:] = 0
+        self._positions[0, real] = np.arange(self.memory_length, self.memory_length + real.size)
+        rows = self.memory.run({"frames": outs["frames"], "positions": self._positions})
+        self.states.update("memory", {k: v[:, :, real] for k, v in rows.items()},
+                           position=self.memory_length)
+        self.memory_length += real.size
+        return int(real.size)
+
+    def flush(self) -> None:
+        """End of utterance: zero chunks marked invalid release the frames held for lookahead."""
+        silence = np.zeros(self.chunk, dtype=np.float32)
+        for _ in range(self.flush_chunks):
+            self.push(silence, valid_frames=0)
+
+    def _step(self, token: int, position: int) -> np.ndarray:
+        feeds = self.states.feeds("decoder")
+        feeds["token"] = np.array([[token]], dtype=np.int64)
+        feeds["position"] = np.array([position], dtype=np.int64)
+        feeds["memory_length"] = np.array([self.memory_length], dtype=np.int64)
+        out = self.decoder.run(feeds)
+        self.states.update("decoder", out, position)
+        return out["logits"][0]
+
+    def decode(self, max_new: int, max_repeats: int = 4) -> list[int]:
+        """Greedy tokens of the current line (without the start and end tokens)."""
+        if self.memory_length == 0:
+            return []
+        seq = list(self.prompt)
+        for pos, tok in enumerate(seq[:-1]):
+            self._step(tok, pos)
+        limit = min(self.t_max, len(seq) + max_new)
+        tokens: list[int] = []
+        logits = self._step(seq[-1], len(seq) - 1)
+        while True:
+            token = int(np.argmax(logits))
+            if token == self.eos:
+                return tokens
+            tokens.append(token)
+            if len(seq) + len(tokens) >= limit or repeats_too_often(tokens, max_repeats):
+                return tokens
+            logits = self._step(token, len(seq) + len(tokens) - 1)
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens)).strip()
