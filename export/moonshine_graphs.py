@@ -12,8 +12,12 @@
   cross-attention K/V rows of `proj(frame + pos_emb[position])`, which the runtime appends to its
   static buffers (transformers adds pos_emb in place; here nothing is mutated).
 - `decoder`: one token at `position`, per-layer self K/V `[1, kv_heads, T_max, head_dim]` and
-  cross K/V `[1, kv_heads, M_max, head_dim]` with `memory_length` valid rows -> logits and the
-  new self K/V rows (RoPE applied before caching).
+  cross K/V `[1, kv_heads, M_max, head_dim]` with `memory_length` valid rows -> logits `[1, vocab]`
+  and the new self K/V rows (RoPE applied before caching).
+- `decoder_block` (optional): the same over K tokens at positions `position .. position+K-1` ->
+  logits `[1, K, vocab]` and K new self K/V rows; token j attends the cached rows before
+  `position` and block rows 0..j. Same state names as `decoder`: one pass teacher-forces a prefix
+  or re-scores a previous hypothesis (DESIGN.md section 8).
 
 The modules reuse the transformers model's weights and its rotary helpers; attention is computed
 here over plain tensors, so no Cache object or mask factory is traced.
@@ -142,40 +146,49 @@ class MoonshineMemoryStep(nn.Module):
 
 
 class MoonshineDecoderStep(nn.Module):
-    """One token with static self K/V and cross K/V buffers; returns logits and new K/V rows.
+    """`block` tokens (1: the one-token step) with static self K/V and cross K/V buffers; returns
+    logits and the new self K/V rows.
 
     `pad_head_dim_to_multiple_of` only zero-pads q, k and v inside transformers' attention (the
     scaling stays that of the true head_dim), so it changes nothing numerically and is not done.
+    RoPE is computed, not looked up, so a block overhanging the cache end (positions past
+    `max_tokens`) runs as is; the runtime never uses those outputs.
     """
 
     def __init__(self, model: MoonshineStreamingForConditionalGeneration, max_tokens: int,
-                 max_memory_frames: int) -> None:
+                 max_memory_frames: int, block: int = 1) -> None:
         super().__init__()
+        if block < 1:
+            raise ValueError(f"block must be >= 1 token, got {block}")
         self.dec = model.model.decoder
         self.proj_out = model.proj_out
         self.head_dim = model.config.head_dim
+        self.block = block
         self.register_buffer("token_rows", torch.arange(max_tokens), persistent=False)
         self.register_buffer("memory_rows", torch.arange(max_memory_frames), persistent=False)
+        self.register_buffer("offsets", torch.arange(block), persistent=False)
+        self.register_buffer("own_ok", torch.ones(block, block, dtype=torch.bool).tril(),
+                             persistent=False)
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, memory_length: torch.Tensor,
                 *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = len(self.dec.layers)
+        n, k = len(self.dec.layers), self.block
         self_kv, cross_kv = states[:2 * n], states[2 * n:]
         x = self.dec.embed_tokens(token)
-        cos, sin = self.dec.rotary_emb(x, position.view(1, 1))
-        # cached rows before `position`, plus this step's own row
-        self_ok = torch.cat([self.token_rows < position, torch.ones(1, dtype=torch.bool)])
-        self_ok = self_ok.view(1, 1, 1, -1)
+        cos, sin = self.dec.rotary_emb(x, (position + self.offsets).view(1, k))
+        # cached rows before `position` (for every block token), plus block rows 0..j (causal)
+        cached_ok = (self.token_rows < position).view(1, -1).expand(k, -1)
+        self_ok = torch.cat([cached_ok, self.own_ok], dim=1).view(1, 1, k, -1)
         cross_ok = (self.memory_rows < memory_length).view(1, 1, 1, -1)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.dec.layers):
             sa = layer.self_attn
             h = layer.input_layernorm(x)
             q = _heads(sa.q_proj(h), self.head_dim)
-            k = _heads(sa.k_proj(h), self.head_dim)
+            key = _heads(sa.k_proj(h), self.head_dim)
             v = _heads(sa.v_proj(h), self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys = torch.cat([self_kv[2 * i], k], dim=2)
+            q, key = apply_rotary_pos_emb(q, key, cos, sin)
+            keys = torch.cat([self_kv[2 * i], key], dim=2)
             values = torch.cat([self_kv[2 * i + 1], v], dim=2)
             x = x + sa.o_proj(_attend(q, keys, values, self_ok, sa.scaling))
             ca = layer.encoder_attn
@@ -183,5 +196,7 @@ class MoonshineDecoderStep(nn.Module):
             x = x + ca.o_proj(_attend(q, cross_kv[2 * i], cross_kv[2 * i + 1], cross_ok,
                                       ca.scaling))
             x = x + layer.mlp(layer.final_layernorm(x))
-            rows += [k, v]
-        return (self.proj_out(self.dec.norm(x))[:, 0, :], *rows)
+            rows += [key, v]
+        logits = self.proj_out(self.dec.norm(x))
+        # the one-token step keeps its `[1, vocab]` logits; a block returns `[1, K, vocab]`
+        return (logits[:, 0, :] if k == 1 else logits, *rows)

@@ -5,7 +5,9 @@ with an attention mask (without one its encoder silently attends to everything).
 Per clip: max abs diff of the real encoder frames; greedy tokens of the reference (a full forward
 per step, argmax, until eos or `max_new`) against the bundle's argmax under teacher forcing (equal
 at every step means the bundle's own greedy decode is the same sequence); max abs diff of the
-bundle's step logits against one teacher-forced full forward. A bundle exported with
+bundle's step logits against one teacher-forced full forward; when the bundle has a
+`decoder_block` graph, the same sequence teacher-forced through it K tokens per pass (fresh self
+K/V, the streamed cross K/V; the last block padded) against that forward. A bundle exported with
 `window_semantics` "inclusive" is compared with transformers' forward under the inclusive mask.
 """
 
@@ -23,7 +25,7 @@ from transformers.models.moonshine_streaming import modeling_moonshine_streaming
 
 from edgestream.export.errors import ExportError
 from edgestream.runtime.bundle import Bundle
-from edgestream.runtime.session import SessionConfig
+from edgestream.runtime.session import GraphSession, SessionConfig
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.wav import read_wav, to_mono
 
@@ -100,6 +102,23 @@ def _stream(bundle: Bundle, audio: np.ndarray, frames_real: int
     return store, ours, length
 
 
+def _block_logits(block: GraphSession, store: StateStore, seq: list[int], memory_length: int,
+                  pad: int) -> np.ndarray:
+    """Teacher-force `seq` through `decoder_block` from position 0, K tokens per pass, writing
+    its rows through `store`; returns the logits of every position `[len(seq), vocab]`."""
+    k = block.spec.input("token").shape[1]
+    out: list[np.ndarray] = []
+    for start in range(0, len(seq), k):
+        chunk = seq[start:start + k]
+        outs = block.run({"token": np.array([chunk + [pad] * (k - len(chunk))], np.int64),
+                          "position": np.array([start], np.int64),
+                          "memory_length": np.array([memory_length], np.int64),
+                          **store.feeds(block.spec.name)})
+        store.update(block.spec.name, outs, position=start)
+        out.append(outs["logits"][0, :len(chunk)])
+    return np.concatenate(out)
+
+
 def _reference_greedy(model: MoonshineStreamingForConditionalGeneration, enc: torch.Tensor,
                       mask: torch.Tensor, start: int, eos: int, max_new: int) -> list[int]:
     tokens: list[int] = []
@@ -129,6 +148,7 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
     semantics = m.extra["window_semantics"]
     start, eos = m.decoding.prompt[0], m.tokenizer.special["eos"]
     max_new = min(max_new, m.decoding.max_tokens - 1)
+    block = bundle.sessions.get("decoder_block")
     frame_len = model.model.encoder.embedder.frame_len
     report: dict = {"clips": [], "tolerance": TOLERANCE, "window_semantics": semantics,
                     "chunk_frames": m.extra["chunk_frames"]}
@@ -148,6 +168,12 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
             seq = [start, *ref_tokens]
             full = model(values, attention_mask=mask,
                          decoder_input_ids=torch.tensor([seq])).logits[0].numpy()
+            block_diff = None
+            if block is not None:  # on a copy taken before the steps below write the self K/V
+                copy = StateStore(m)
+                copy.buffers.update({k: v.copy() for k, v in store.buffers.items()})
+                ours_block = _block_logits(block, copy, seq, length, eos)
+                block_diff = float(np.abs(ours_block - full).max())
             logits = []
             for pos, token in enumerate(seq):
                 outs = bundle.sessions["decoder"].run(
@@ -164,12 +190,16 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
                 "tokens": len(ref_tokens),
                 "identical_tokens": argmax[: len(expected)] == expected,
                 "max_encoder_diff": enc_diff,
-                "max_logit_diff": float(np.abs(ours_logits - full).max())})
+                "max_logit_diff": float(np.abs(ours_logits - full).max()),
+                **({} if block_diff is None else {"max_block_logit_diff": block_diff})})
     clips_ = report["clips"]
     report["max_encoder_diff"] = max(c["max_encoder_diff"] for c in clips_)
     report["max_logit_diff"] = max(c["max_logit_diff"] for c in clips_)
     report["identical_clips"] = sum(c["identical_tokens"] for c in clips_)
+    report["max_block_logit_diff"] = (max(c["max_block_logit_diff"] for c in clips_)
+                                      if block is not None else None)
     report["passed"] = (report["identical_clips"] == len(clips_)
                         and report["max_encoder_diff"] <= TOLERANCE
-                        and report["max_logit_diff"] <= TOLERANCE)
+                        and report["max_logit_diff"] <= TOLERANCE
+                        and (block is None or report["max_block_logit_diff"] <= TOLERANCE))
     return report

@@ -3,7 +3,13 @@
 - `encoder`: log-mel `[1, n_mels, 3000]` -> per-layer cross-attention K/V `[1, heads, 1500, head_dim]`.
   Projecting K/V once per window here saves every decoder step from doing it.
 - `decoder`: one token at `position` plus per-layer self-attention K/V `[1, heads, T_max, head_dim]`
-  -> logits and only the new K/V row, which the runtime writes into its buffer at `position`.
+  -> logits `[1, vocab]` and only the new K/V row, which the runtime writes into its buffer at
+  `position`.
+- `decoder_block` (optional): the same step over K tokens at positions `position .. position+K-1`
+  -> logits `[1, K, vocab]` and the K new rows `[1, heads, K, head_dim]` (written at `position`).
+  Token j attends the cached rows before `position` and block rows 0..j, so one pass
+  teacher-forces a prefix or re-scores a previous hypothesis (DESIGN.md section 8). It reads the
+  same self and cross K/V buffers through inputs of the same names as the one-token step.
 
 The step modules reuse the transformers model's own weights but compute attention themselves over
 plain tensors: no Cache object or mask factory is traced, so the graph has no dynamic axes and no
@@ -43,17 +49,30 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class WhisperDecoderStep(nn.Module):
-    """One decoder token with static self-attention KV; returns logits and the new K/V rows."""
+    """`block` decoder tokens (1: the one-token step) with static self-attention KV; returns
+    logits and the new K/V rows.
 
-    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+    Positions past the model's last one are clamped for the embedding lookup: their outputs are
+    meaningless but finite, and the runtime never uses them (a block may overhang the cache end).
+    """
+
+    def __init__(self, model: WhisperForConditionalGeneration, block: int = 1) -> None:
         super().__init__()
+        if block < 1:
+            raise ValueError(f"block must be >= 1 token, got {block}")
         dec = model.model.decoder
         self.dec = dec
+        self.block = block
         self.heads = model.config.decoder_attention_heads
         self.embed_scale = float(dec.embed_scale)
         self.t_max = dec.embed_positions.weight.shape[0]
         # logits = h @ E^T; kept tied so the file carries the vocabulary matrix once.
         self.proj = model.proj_out
+        # block token j sees block rows 0..j (causal); additive, like the cache mask
+        own = torch.ones(block, block, dtype=torch.bool).tril()
+        self.register_buffer("own_mask", torch.where(own, 0.0, torch.finfo(torch.float32).min),
+                             persistent=False)
+        self.register_buffer("offsets", torch.arange(block), persistent=False)
 
     def _self_attention(self, layer: nn.Module, x: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, valid: torch.Tensor
@@ -62,7 +81,7 @@ class WhisperDecoderStep(nn.Module):
         q = _split_heads(attn.q_proj(x) * attn.scaling, self.heads)
         k_new = _split_heads(attn.k_proj(x), self.heads)
         v_new = _split_heads(attn.v_proj(x), self.heads)
-        # Attend over the cached rows before `position` plus this step's own row; concatenation
+        # Attend over the cached rows before `position` plus this step's own rows; concatenation
         # instead of an in-graph cache write keeps the cache an input only.
         keys = torch.cat([k_cache, k_new], dim=2)
         values = torch.cat([v_cache, v_new], dim=2)
@@ -83,11 +102,14 @@ class WhisperDecoderStep(nn.Module):
         n = len(self.dec.layers)
         self_kv, cross_kv = states[: 2 * n], states[2 * n:]
         x = self.dec.embed_tokens(tokens) * self.embed_scale
-        x = x + self.dec.embed_positions.weight.index_select(0, position).unsqueeze(0)
-        # additive mask over T_max cached rows + 1 own row: rows at or after `position` are empty
+        where = (position + self.offsets).clamp(max=self.t_max - 1)
+        x = x + self.dec.embed_positions.weight.index_select(0, where).unsqueeze(0)
+        # additive mask [block, T_max cached rows + block own rows]: cached rows at or after
+        # `position` are empty; own rows are causal
         rows = torch.arange(self.t_max, device=tokens.device)
         cached = torch.where(rows < position, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
-        valid = torch.cat([cached, torch.zeros(1, dtype=x.dtype)]).view(1, 1, 1, -1)
+        cached = cached.view(1, -1).expand(self.block, -1)
+        valid = torch.cat([cached, self.own_mask.to(x.dtype)], dim=1).view(1, 1, self.block, -1)
         new_rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.dec.layers):
             h, k_new, v_new = self._self_attention(
@@ -98,5 +120,6 @@ class WhisperDecoderStep(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
             new_rows += [k_new, v_new]
-        logits = self.proj(self.dec.layer_norm(x))[:, 0, :]
-        return (logits, *new_rows)
+        logits = self.proj(self.dec.layer_norm(x))
+        # the one-token step keeps its `[1, vocab]` logits; a block returns `[1, K, vocab]`
+        return (logits[:, 0, :] if self.block == 1 else logits, *new_rows)

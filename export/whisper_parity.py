@@ -3,7 +3,10 @@ against the transformers model run on the whole input.
 
 Per clip (its first window): the runtime's log-mel vs `WhisperFeatureExtractor`; greedy tokens of
 both sides (the reference is a full forward per step with the same suppression rules); the
-runtime's step logits vs one teacher-forced transformers forward over the whole sequence.
+runtime's step logits vs one teacher-forced transformers forward over the whole sequence; and,
+when the bundle has a `decoder_block` graph, that sequence teacher-forced through it K tokens per
+pass (its own StateStore, the last block padded and overhanging as the runtime may do) against the
+same forward at every position.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from edgestream.runtime.bundle import Bundle
-from edgestream.runtime.session import SessionConfig
+from edgestream.runtime.session import GraphSession, SessionConfig
+from edgestream.runtime.state import StateStore
 from edgestream.runtime.wav import read_wav, to_mono
 from edgestream.runtime.whisper import WhisperEngine
 
@@ -47,10 +51,29 @@ def _reference_greedy(model: WhisperForConditionalGeneration, features: torch.Te
     return tokens
 
 
+def block_logits(block: GraphSession, store: StateStore, seq: list[int], pad: int
+                 ) -> np.ndarray:
+    """Teacher-force `seq` through a `decoder_block` graph from position 0, K tokens per pass,
+    writing its rows through `store`; returns the logits of every position `[len(seq), vocab]`.
+    The last block is padded with `pad`; its rows past `seq` are never read."""
+    k = block.spec.input("tokens").shape[1]
+    out: list[np.ndarray] = []
+    for start in range(0, len(seq), k):
+        chunk = seq[start:start + k]
+        feeds = store.feeds(block.spec.name)
+        feeds["tokens"] = np.array([chunk + [pad] * (k - len(chunk))], dtype=np.int64)
+        feeds["position"] = np.array([start], dtype=np.int64)
+        outs = block.run(feeds)
+        store.update(block.spec.name, outs, start)
+        out.append(outs["logits"][0, :len(chunk)])
+    return np.concatenate(out)
+
+
 def check_whisper_parity(model: WhisperForConditionalGeneration, bundle_dir: Path,
                          clips: list[Path], max_new: int = 96) -> dict:
     """Compare bundle and model on `clips`; returns a report with `passed`."""
     engine = WhisperEngine(Bundle.open(bundle_dir, SessionConfig(provider="cpu")))
+    block = engine.bundle.sessions.get("decoder_block")
     extractor = WhisperFeatureExtractor(feature_size=engine.mel.n_mels)
     window = engine.bundle.manifest.audio.window_samples
     max_new = min(max_new, engine.t_max - len(engine.prompt) - 1)
@@ -71,14 +94,23 @@ def check_whisper_parity(model: WhisperForConditionalGeneration, bundle_dir: Pat
         steps = min(len(ours.logits), len(ref_tokens) + 1)
         ref_steps = full[p: p + steps].numpy()
         logit_diff = float(np.abs(np.stack(ours.logits[:steps]) - ref_steps).max())
-        report["clips"].append({
-            "clip": clip.name, "tokens": len(ref_tokens),
-            "identical_tokens": list(ours.tokens) == ref_tokens,
-            "max_logit_diff": logit_diff, "max_mel_diff": mel_diff})
+        entry = {"clip": clip.name, "tokens": len(ref_tokens),
+                 "identical_tokens": list(ours.tokens) == ref_tokens,
+                 "max_logit_diff": logit_diff, "max_mel_diff": mel_diff}
+        if block is not None:
+            store = StateStore(engine.bundle.manifest)
+            store.update("encoder", engine.encoder.run({engine.encoder.spec.inputs[0].name:
+                                                        engine.mel(audio)[None]}))
+            ours_block = block_logits(block, store, seq, engine.eot)
+            entry["max_block_logit_diff"] = float(np.abs(ours_block - full.numpy()).max())
+        report["clips"].append(entry)
     report["max_logit_diff"] = max(c["max_logit_diff"] for c in report["clips"])
     report["max_mel_diff"] = max(c["max_mel_diff"] for c in report["clips"])
     report["identical_clips"] = sum(c["identical_tokens"] for c in report["clips"])
+    report["max_block_logit_diff"] = (max(c["max_block_logit_diff"] for c in report["clips"])
+                                      if block is not None else None)
     report["passed"] = (report["identical_clips"] == len(clips)
                         and report["max_logit_diff"] <= LOGIT_TOLERANCE
-                        and report["max_mel_diff"] <= MEL_TOLERANCE)
+                        and report["max_mel_diff"] <= MEL_TOLERANCE
+                        and (block is None or report["max_block_logit_diff"] <= LOGIT_TOLERANCE))
     return report

@@ -27,6 +27,7 @@ from edgestream.runtime.whisper import WhisperEngine
 from edgestream.runtime.whisper_stream import WhisperStreamConfig, WhisperStreamer
 
 DEMO_CLIP = "beckett.wav"
+MIC_QUEUE_S = 10
 
 
 def _open(args: argparse.Namespace) -> Bundle:
@@ -90,7 +91,8 @@ def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:
         from edgestream.runtime.mic import MicSource, resolve_device
 
         device = resolve_device(args.device)
-        mic = MicSource(device, sample_rate=rate)
+        # ~10 s of queue: a slow decode delays captions but never drops audio
+        mic = MicSource(device, sample_rate=rate, queue_blocks=MIC_QUEUE_S * 48000 // 1024)
         mic.start()
         return mic, f"mic: {device.name} @ {mic.sample_rate} Hz"
     return FileSource(Path(args.input), realtime=args.realtime), args.input
@@ -107,7 +109,8 @@ def stream(bundle: Bundle, source: AudioSource, label: str, args: argparse.Names
                                                     args.stats_every))
     finally:
         source.close()
-    return 0
+    # a lost microphone is a failure the service manager should see (and restart on)
+    return 3 if getattr(source, "lost", False) else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -99,6 +99,10 @@ def run_loop(source: AudioSource, driver: Driver, sinks: Sequence[Sink],
                                            driver.final_compute_ms),
                             "max_lag_s": round(max_lag, 3)})])
             next_stats += config.stats_every_s
+    if getattr(source, "lost", False):
+        emit([Notice(stats.audio_samples / config.sample_rate, "mic_lost",
+                     "the capture device stopped delivering audio (unplugged or failed); the "
+                     "pending line is finalized and the run ends with exit code 3")])
     tail = np.concatenate([chunker.rest(), resampler.flush()])
     if tail.size:
         step(tail)

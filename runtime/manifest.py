@@ -8,7 +8,7 @@ not static is refused here, before any session is opened, with the field named.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,12 +72,17 @@ class StatePair:
     # further graphs that read this buffer through an input named `input` and update it through
     # an output named `output` (e.g. a K-token decoder block beside the one-token step)
     shared_with: tuple[str, ...] = ()
+    # those of `shared_with` that only read it (no output named `output`: e.g. the block reading
+    # the cross K/V that the encoder writes). Derived from the graph signatures when the manifest
+    # omits it; when given, it must agree with them.
+    read_only: tuple[str, ...] = ()
 
     def reads(self, graph: str) -> bool:
         return graph == self.graph or graph in self.shared_with
 
     def writes(self, graph: str) -> bool:
-        return graph == self.output_graph or graph in self.shared_with
+        return graph == self.output_graph or (graph in self.shared_with
+                                              and graph not in self.read_only)
 
 
 @dataclass(frozen=True)
@@ -204,9 +209,24 @@ def _state(obj: dict[str, Any], i: int, graphs: dict[str, GraphSpec]) -> StatePa
     if s.update not in ("replace", "append"):
         raise BundleError(f"{MANIFEST_NAME}: {w}.update must be 'replace' or 'append', "
                           f"got {s.update!r}")
+    for g in s.shared_with:
+        if g not in graphs:
+            raise BundleError(f"{MANIFEST_NAME}: {w} ({s.name}) refers to unknown graph {g!r}")
+    # a shared graph without an output named `output` only reads the buffer
+    derived = tuple(g for g in s.shared_with if graphs[g].output(s.output) is None)
+    if "read_only" in obj:
+        given = tuple(obj["read_only"])
+        if sorted(given) != sorted(derived):
+            raise BundleError(
+                f"{MANIFEST_NAME}: {w}.read_only ({s.name}) is {list(given)} but the shared graphs "
+                f"without an output named {s.output!r} are {list(derived)}; re-export the bundle")
+        derived = given
+    s = replace(s, read_only=derived)
     uses = [(s.graph, s.input, "input"), (s.output_graph, s.output, "output")]
     for g in s.shared_with:
-        uses += [(g, s.input, "input"), (g, s.output, "output")]
+        uses.append((g, s.input, "input"))
+        if g not in s.read_only:
+            uses.append((g, s.output, "output"))
     for gname, tname, kind in uses:
         g = graphs.get(gname)
         if g is None:

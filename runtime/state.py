@@ -30,15 +30,22 @@ class StateStore:
         return {s.input: self.buffers[s.name] for s in self._inputs.get(graph, [])}
 
     def update(self, graph: str, outputs: dict[str, np.ndarray], position: int = 0) -> None:
-        """Take `graph`'s state outputs: replace buffers, or write append slices at `position`."""
+        """Take `graph`'s state outputs: replace buffers, or write append slices at `position`.
+        A graph that shares a buffer read-only (`StatePair.read_only`) leaves it alone."""
         for s in self._outputs.get(graph, []):
             out = outputs[s.output]
             if s.update == "replace":
                 self.buffers[s.name] = out
             else:
+                # a K-row slice (a decoder block) may overhang the buffer's end: the rows past it
+                # belong to positions the model does not have, and are dropped
+                buf = self.buffers[s.name]
+                rows = max(0, min(out.shape[s.axis], buf.shape[s.axis] - position))
                 index = [slice(None)] * out.ndim
-                index[s.axis] = slice(position, position + out.shape[s.axis])
-                self.buffers[s.name][tuple(index)] = out
+                index[s.axis] = slice(position, position + rows)
+                part = [slice(None)] * out.ndim
+                part[s.axis] = slice(0, rows)
+                buf[tuple(index)] = out[tuple(part)]
 
     def reset(self, graphs: set[str] | None = None) -> None:
         """Back to the initial values: every buffer, or those read by any of `graphs`."""

@@ -147,6 +147,7 @@ class WhisperStreamer:
 
     def _finalize(self, reason: str, upto: int | None = None) -> list[Event]:
         events: list[Event] = []
+        t = self.now  # where the stream is when the line is decided, before any cut
         keep = np.zeros(0, dtype=np.float32)
         if upto is not None:
             split = max(0, upto - self.buffer_start)
@@ -156,8 +157,9 @@ class WhisperStreamer:
             self.agreement.update(hyp, complete=True)
             text = self._text(self.agreement.committed)
             if text:
-                events.append(Final(self.line, self.now, text, reason,
-                                    self.buffer_start / self.rate, self.now))
+                events.append(Final(self.line, t, text, reason,
+                                    self.buffer_start / self.rate,
+                                    (self.buffer_start + self.buffer.size) / self.rate))
                 self.line += 1
         self.agreement.reset()
         self._last_partial = ""

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 WINDOWS = [[16, 4], [16, 0], [16, 4]]
 MAX_MEMORY, MAX_TOKENS = 640, 48
+BLOCK = 16  # the recipe's default decoder_block size
 SPEECH_CLIP = "two_cities.wav"
 
 
@@ -114,6 +115,7 @@ def _assert_parity(report: dict, clips: int) -> None:
     assert report["passed"], json.dumps(report, indent=2)
     assert report["identical_clips"] == len(report["clips"]) == clips
     assert report["max_encoder_diff"] <= 1e-4 and report["max_logit_diff"] <= 1e-4
+    assert report["max_block_logit_diff"] <= 1e-4  # decoder_block, K tokens per pass
     for c in report["clips"]:
         assert c["streamed_frames"] == c["encoder_frames"]  # the flush released every frame
         assert c["tokens"] > 5
@@ -123,7 +125,7 @@ def test_bundle_contract(bundles) -> None:
     root = bundles(4)
     m = load_manifest(root)
     assert (m.family, m.pipeline) == ("moonshine_streaming", "streaming_encoder_decoder")
-    assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder"]
+    assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder", "decoder_block"]
     enc = m.graph("encoder")
     assert enc.input("audio").shape == (1, 4 * 320) and enc.input("valid").shape == (1, 4)
     assert enc.output("frames").shape == (1, 4, 32)
@@ -149,7 +151,23 @@ def test_bundle_contract(bundles) -> None:
             assert m.graph("memory").output(cross.output).shape == (1, 4, 4, 10)
             assert (own.update, own.axis, own.shape) == ("append", 2, (1, 4, MAX_TOKENS, 10))
             assert m.graph("decoder").output(own.output).shape == (1, 4, 1, 10)
+            # the block shares both buffers by name: appends K self rows, only reads cross K/V
+            assert (own.shared_with, own.read_only) == (("decoder_block",), ())
+            assert (cross.shared_with, cross.read_only) == (("decoder_block",), ("decoder_block",))
+            assert m.graph("decoder_block").output(own.output).shape == (1, 4, BLOCK, 10)
+            assert not cross.writes("decoder_block") and own.writes("decoder_block")
     assert len(m.states) == len(expected) + 8
+    step, block = m.graph("decoder"), m.graph("decoder_block")
+    assert m.extra["block_tokens"] == BLOCK
+    assert [(t.name, t.shape) for t in step.inputs[:3]] == [
+        ("token", (1, 1)), ("position", (1,)), ("memory_length", (1,))]
+    assert [(t.name, t.shape) for t in block.inputs[:3]] == [
+        ("token", (1, BLOCK)), ("position", (1,)), ("memory_length", (1,))]
+    assert step.output("logits").shape == (1, 50)
+    assert block.output("logits").shape == (1, BLOCK, 50)
+    assert [(t.name, t.shape) for t in block.inputs[3:]] == [
+        (t.name, t.shape) for t in step.inputs[3:]]
+    assert [t.name for t in block.outputs] == [t.name for t in step.outputs]
     assert m.decoding.prompt == (1,) and m.tokenizer.special["eos"] == 2
     bundle = Bundle.open(root)
     store = StateStore(m)
@@ -203,7 +221,8 @@ def test_inclusive_windows(bundles, parts, random_audio,
 @pytest.mark.parametrize("kwargs, field", [
     ({"chunk_frames": 0}, "chunk_frames"), ({"chunk_frames": 17}, "chunk_frames"),
     ({"window_semantics": "left"}, "window_semantics"),
-    ({"max_memory_frames": 1025}, "max_memory_frames"), ({"max_tokens": 1}, "max_tokens")])
+    ({"max_memory_frames": 1025}, "max_memory_frames"), ({"max_tokens": 1}, "max_tokens"),
+    ({"block_tokens": 1}, "block_tokens"), ({"block_tokens": -4}, "block_tokens")])
 def test_bad_options_are_refused(parts, tmp_path: Path, kwargs: dict, field: str) -> None:
     from edgestream.export.moonshine_recipe import export_moonshine_graphs
 
@@ -212,3 +231,22 @@ def test_bad_options_are_refused(parts, tmp_path: Path, kwargs: dict, field: str
     with pytest.raises(ExportError, match=field):
         export_moonshine_graphs(parts, tmp_path, **args)
     assert not list(tmp_path.iterdir())
+
+
+def test_block_size_option(parts, tmp_path: Path) -> None:
+    """block_tokens 0 leaves decoder_block out (no shared states); a block longer than the cache
+    is cut to max_tokens."""
+    from edgestream.export.moonshine_recipe import export_moonshine_graphs
+
+    (tmp_path / "none").mkdir()
+    data = export_moonshine_graphs(parts, tmp_path / "none", 4, "transformers", 64, 16,
+                                   block_tokens=0)
+    m = parse_manifest(data)
+    assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder"]
+    assert m.extra["block_tokens"] == 0 and not any(s.shared_with for s in m.states)
+    assert not (tmp_path / "none" / "decoder_block.onnx").exists()
+    (tmp_path / "long").mkdir()
+    m = parse_manifest(export_moonshine_graphs(parts, tmp_path / "long", 4, "transformers", 64, 8,
+                                               block_tokens=32))
+    assert m.graph("decoder_block").input("token").shape == (1, 8)
+    assert m.graph("decoder_block").output("logits").shape == (1, 8, 50)

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgestream.export.build import ExportOptions, export_bundle
 from edgestream.export.errors import ExportError, ParityError
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.manifest import load_manifest
+from edgestream.runtime.session import SessionConfig
+from edgestream.runtime.state import StateStore
+
+BLOCK = 16  # the recipe's default decoder_block size
 
 
 def test_tiny_bundle_contract(tiny_bundle: Path) -> None:
     m = load_manifest(tiny_bundle)
     assert (m.family, m.pipeline) == ("whisper", "whisper_window")
-    assert {g.name for g in m.graphs} == {"encoder", "decoder", "vad"}
+    assert {g.name for g in m.graphs} == {"encoder", "decoder", "decoder_block", "vad"}
     assert m.graph("encoder").inputs[0].shape == (1, 80, 3000)  # Whisper insists on 3000 frames
     self_kv = [s for s in m.states if s.name.startswith("self_")]
     cross_kv = [s for s in m.states if s.name.startswith("cross_")]
@@ -32,6 +37,70 @@ def test_tiny_bundle_contract(tiny_bundle: Path) -> None:
     assert m.parity["passed"] and m.parity["max_logit_diff"] <= 1e-3
     assert m.parity["max_mel_diff"] <= 1e-4
     Bundle.open(tiny_bundle)  # every hash, name and shape checks out
+
+
+def test_tiny_block_contract(tiny_bundle: Path) -> None:
+    """decoder_block: the step's signature over K tokens, sharing every decoder state by name."""
+    m = load_manifest(tiny_bundle)
+    step, block = m.graph("decoder"), m.graph("decoder_block")
+    assert m.extra["block_tokens"] == BLOCK
+    assert [(t.name, t.shape) for t in step.inputs[:2]] == [("tokens", (1, 1)), ("position", (1,))]
+    assert [(t.name, t.shape) for t in block.inputs[:2]] == [("tokens", (1, BLOCK)),
+                                                             ("position", (1,))]
+    assert step.output("logits").shape == (1, 51864)  # the runtime's one-token step, as before
+    assert block.output("logits").shape == (1, BLOCK, 51864)
+    assert [t.name for t in block.inputs] == [t.name for t in step.inputs]
+    assert [t.name for t in block.outputs] == [t.name for t in step.outputs]
+    assert [t.shape for t in block.inputs[2:]] == [t.shape for t in step.inputs[2:]]
+    for s in m.states:
+        if s.name.startswith("self_"):  # the block appends K rows into the step's buffer
+            assert (s.shared_with, s.read_only) == (("decoder_block",), ())
+            assert block.output(s.output).shape == (1, 4, BLOCK, 16)
+            assert s.reads("decoder_block") and s.writes("decoder_block")
+        elif s.name.startswith("cross_"):  # written by the encoder, read by both decoders
+            assert (s.shared_with, s.read_only) == (("decoder_block",), ("decoder_block",))
+            assert s.reads("decoder_block") and not s.writes("decoder_block")
+    assert m.parity["max_block_logit_diff"] <= 1e-3
+    assert all(c["max_block_logit_diff"] <= 1e-3 for c in m.parity["clips"])
+
+
+def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
+    """A prefix teacher-forced in one block pass leaves the same cache as stepping it token by
+    token: the next step's logits agree. A block overhanging the cache end runs and stays finite."""
+    b = Bundle.open(tiny_bundle, SessionConfig("cpu"))
+    m = b.manifest
+    t_max = m.decoding.max_tokens
+    mel = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+    cross = b.sessions["encoder"].run({"mel": mel})
+    prefix = [*m.decoding.prompt, 440, 1332, 995, 13, 3290, 262, 2068]  # 9 tokens
+    last = 11
+
+    def step(store: StateStore, token: int, pos: int) -> np.ndarray:
+        out = b.sessions["decoder"].run({"tokens": np.array([[token]], np.int64),
+                                         "position": np.array([pos], np.int64),
+                                         **store.feeds("decoder")})
+        store.update("decoder", out, pos)
+        return out["logits"][0]
+
+    stepped, blocked = StateStore(m), StateStore(m)
+    for store in (stepped, blocked):
+        store.update("encoder", cross)
+    by_step = [step(stepped, t, i) for i, t in enumerate(prefix)]
+    out = b.sessions["decoder_block"].run(
+        {"tokens": np.array([prefix + [0] * (BLOCK - len(prefix))], np.int64),
+         "position": np.array([0], np.int64), **blocked.feeds("decoder_block")})
+    blocked.update("decoder_block", out, 0)
+    np.testing.assert_allclose(out["logits"][0, :len(prefix)], np.stack(by_step), atol=1e-4)
+    np.testing.assert_allclose(step(blocked, last, len(prefix)), step(stepped, last, len(prefix)),
+                               atol=1e-4)
+    # positions t_max - 3 .. t_max + 12: embedding index clamped, rows past the end dropped
+    out = b.sessions["decoder_block"].run(
+        {"tokens": np.full((1, BLOCK), last, np.int64), "position": np.array([t_max - 3], np.int64),
+         **blocked.feeds("decoder_block")})
+    assert np.isfinite(out["logits"]).all()
+    blocked.update("decoder_block", out, t_max - 3)
+    np.testing.assert_array_equal(blocked.buffers["self_k_0"][:, :, t_max - 3:],
+                                  out["new_self_k_0"][:, :, :3])
 
 
 def test_failed_parity_fails_the_export(tiny_whisper_dir: Path, tmp_path: Path,
@@ -50,6 +119,7 @@ def test_failed_parity_fails_the_export(tiny_whisper_dir: Path, tmp_path: Path,
         export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none"))
     assert not err.value.report["passed"]
     assert err.value.report["max_logit_diff"] == pytest.approx(0.01, rel=0.05)
+    assert err.value.report["max_block_logit_diff"] == pytest.approx(0.01, rel=0.05)
     assert not out.exists(), "a bundle that failed parity must not be written"
     assert not list(tmp_path.glob(".bad.*")), "the temporary export folder must be cleaned up"
 
@@ -75,3 +145,9 @@ def test_real_tiny_en_parity(real_bundle: Path) -> None:
     assert parity["max_logit_diff"] <= 1e-3
     assert parity["max_mel_diff"] <= 1e-4
     assert all(c["tokens"] > 5 for c in parity["clips"])
+    # the 16-token block, teacher-forcing prompt + tokens, against the same full forward
+    assert parity["max_block_logit_diff"] <= 1e-3
+    assert all(c["max_block_logit_diff"] <= 1e-3 for c in parity["clips"])
+    m = load_manifest(real_bundle)
+    assert m.graph("decoder_block").output("logits").shape == (1, BLOCK, 51864)
+    assert m.graph("decoder").output("logits").shape == (1, 51864)

@@ -10,7 +10,6 @@ import io
 import json
 import sys
 import time
-import warnings
 import wave
 from pathlib import Path
 
@@ -112,10 +111,6 @@ def test_run_event_order_contract(streamed: dict[str, tuple[list[dict], float]])
         assert stats["mic_overruns"] == 0 and stats["dropped_blocks"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "whisper_stream.py _finalize: an endpoint Final's `t` is self.now after the buffer was cut "
-    "at the mid-pause point `upto`, so t == end (the cut), earlier than the partials already "
-    "emitted for that line and than the stream position where the endpoint was decided"))
 def test_event_times_never_go_backwards(streamed: dict[str, tuple[list[dict], float]]) -> None:
     """`t` is the stream time of the event: non-decreasing, and an endpoint final is only known
     once the trailing silence was heard, well after the speech ended."""
@@ -233,7 +228,7 @@ def mic_defaults() -> tuple[int, int]:
 def test_fake_microphone_end_to_end(real_bundle: Path, clip_mic,  # type: ignore[no-untyped-def]
                                     beckett_48k_int16: np.ndarray) -> None:
     clip = beckett_48k_int16
-    block, queue_blocks = mic_defaults()
+    block, _ = mic_defaults()
     tail = MIC_RATE  # 1 s of silence after the clip so the endpointer closes the last line
     blocks = -(-(clip.size + tail) // block)
     fake = clip_mic(clip, blocks)
@@ -242,12 +237,16 @@ def test_fake_microphone_end_to_end(real_bundle: Path, clip_mic,  # type: ignore
     rc, events, err = run_cli(["run", str(real_bundle), "--input", "mic", "--device",
                                "fake usb", "--jsonl"])
     elapsed = time.monotonic() - t0
-    # the run ends by itself once the device is unplugged, cleanly
-    assert rc == 0, err
+    # the run ends by itself once the device is unplugged, with the lost-device exit code
+    assert rc == 3, err
     stream = fake.streams[-1]
     assert stream.frames_per_buffer == block and stream.rate == MIC_RATE and not stream.open
     assert stream.calls == blocks
-    assert not stream.callback_errors and max(stream.callback_durations) < 0.005
+    # the callback only queues bytes: it returns at once, and always within its block period
+    # even while the main thread computes (its time includes waiting for the GIL)
+    durations = np.array(stream.callback_durations)
+    assert not stream.callback_errors and np.median(durations) < 0.001
+    assert durations.max() < block / MIC_RATE, durations.max()
     assert fake.initialized == 0  # every PortAudio session was terminated
     assert events[0]["type"] == "ready" and "Fake USB Mic" in events[0]["input"]
     assert f"{MIC_RATE} Hz" in events[0]["input"]  # captured at the device rate, resampled
@@ -258,30 +257,20 @@ def test_fake_microphone_end_to_end(real_bundle: Path, clip_mic,  # type: ignore
     assert stats["mic_overruns"] == 0
     delivered = blocks - stats["dropped_blocks"]
     assert stats["audio_s"] == pytest.approx(delivered * block / MIC_RATE, abs=0.05), stats
-    queue_ms = 1000.0 * queue_blocks * block / MIC_RATE
-    if stats["dropped_blocks"]:
-        # The loop drains the queue between driver steps, so blocks are only lost when a decode
-        # step starved the queue (a CPU busy with other work); never with compute to spare.
-        assert stats["step_ms_max"] > 0.5 * queue_ms, stats
-        warnings.warn(f"fake mic: {stats['dropped_blocks']} blocks dropped, a step took "
-                      f"{stats['step_ms_max']} ms against a {queue_ms:.0f} ms queue")
-    else:
-        assert word_error_rate([references()["beckett.wav"]], [text]) <= 0.1, text
+    # the run queues ~10 s of capture: a slow decode delays captions, it never drops audio
+    assert stats["dropped_blocks"] == 0, stats
+    assert word_error_rate([references()["beckett.wav"]], [text]) <= 0.1, text
     # real cadence: the run cannot end before the device stops delivering, and it must not
     # trail far behind it either (the driver decodes less often when it falls behind)
     assert seconds - 0.2 <= elapsed <= seconds + 8.0, (elapsed, seconds, stats)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "loop.py run_loop / commands.stream: when the microphone is lost MicSource iteration just "
-    "ends, and the run finishes like a finished file (stats, exit 0) without any notice or "
-    "error event; DESIGN 4.5 and events.Notice promise a 'mic lost' event"))
 def test_lost_microphone_is_reported(real_bundle: Path, clip_mic) -> None:  # type: ignore[no-untyped-def]
     block, _ = mic_defaults()
     clip_mic(np.zeros(0, dtype=np.int16), MIC_RATE // block)  # 1 s of silence, then unplugged
     rc, events, err = run_cli(["run", str(real_bundle), "--input", "mic", "--device",
                                "fake usb", "--jsonl"])
-    assert rc == 0, err
+    assert rc == 3, err  # a lost device is a failure the service manager restarts on
     assert events[-1]["type"] == "stats"
     assert any(e["type"] in ("notice", "error") and ("lost" in json.dumps(e).lower()
                                                      or "Fake USB Mic" in json.dumps(e))
