@@ -26,8 +26,11 @@ class Ready:
 
 @dataclass(frozen=True)
 class SpeechStarted:
+    """Emitted when the VAD is sure (`t`); `start` is where the speech began, a little earlier."""
+
     line: int
     t: float
+    start: float
     type: str = "speech_started"
 
 

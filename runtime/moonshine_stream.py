@@ -59,11 +59,13 @@ class StreamingEncDecStreamer:
         for vad in self.endpointer.process(audio):
             if vad.kind == "start" and not self.active:
                 self._begin(vad.sample)
-                events.append(SpeechStarted(self.line, self.line_start / self.rate))
+                events.append(SpeechStarted(self.line, vad.decided / self.rate,
+                                            self.line_start / self.rate))
             elif vad.kind == "end" and self.active:
                 started = time.perf_counter()
                 # cut in the middle of the pause: audio after it may hold the next utterance
-                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2)
+                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2,
+                                         t=vad.decided / self.rate)
                 compute = (time.perf_counter() - started) * 1000.0
                 self.final_compute_ms.append(compute)
                 self.final_latencies_ms.append((vad.decided - vad.sample) * 1000.0 / self.rate
@@ -103,7 +105,7 @@ class StreamingEncDecStreamer:
                 self._consume(done)
                 events += self._finalize("window")
                 self._begin(self.pending_start)
-                events.append(SpeechStarted(self.line, self.line_start / self.rate))
+                events.append(SpeechStarted(self.line, self.now, self.line_start / self.rate))
                 end, done = end - done, 0
                 continue
             piece = self.pending[done: min(done + chunk, end)]
@@ -136,8 +138,10 @@ class StreamingEncDecStreamer:
             return [Partial(self.line, self.now, text, "")]
         return []
 
-    def _finalize(self, reason: str, upto: int | None = None) -> list[Event]:
+    def _finalize(self, reason: str, upto: int | None = None,
+                  t: float | None = None) -> list[Event]:
         events: list[Event] = []
+        t = self.now if t is None else t
         if reason != "window":  # a full memory was already encoded up to here
             events += self._encode_ready(self.pending_start + self.pending.size
                                          if upto is None else upto)
@@ -145,7 +149,7 @@ class StreamingEncDecStreamer:
         text = self.engine.text(self.engine.decode(self._budget(), self.config.max_repeats))
         end = self.line_start + self.encoded_samples
         if text:
-            events.append(Final(self.line, self.now, text, reason, self.line_start / self.rate,
+            events.append(Final(self.line, t, text, reason, self.line_start / self.rate,
                                 end / self.rate))
             self.line += 1
         self.active = False

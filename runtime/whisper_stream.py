@@ -80,11 +80,13 @@ class WhisperStreamer:
         for vad in self.endpointer.process(audio):
             if vad.kind == "start" and not self.active:
                 self.active = True
-                events.append(SpeechStarted(self.line, vad.sample / self.rate))
+                events.append(SpeechStarted(self.line, vad.decided / self.rate,
+                                            vad.sample / self.rate))
             elif vad.kind == "end" and self.active:
                 started = time.perf_counter()
                 # cut in the middle of the pause: audio after it may hold the next utterance
-                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2)
+                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2,
+                                         t=vad.decided / self.rate)
                 compute = (time.perf_counter() - started) * 1000.0
                 self.final_compute_ms.append(compute)
                 waited = (vad.decided - vad.sample) * 1000.0 / self.rate
@@ -145,9 +147,10 @@ class WhisperStreamer:
             self._last_partial = full
         return events
 
-    def _finalize(self, reason: str, upto: int | None = None) -> list[Event]:
+    def _finalize(self, reason: str, upto: int | None = None,
+                  t: float | None = None) -> list[Event]:
         events: list[Event] = []
-        t = self.now  # where the stream is when the line is decided, before any cut
+        t = self.now if t is None else t  # when the line was decided, before any cut
         keep = np.zeros(0, dtype=np.float32)
         if upto is not None:
             split = max(0, upto - self.buffer_start)
