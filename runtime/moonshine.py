@@ -14,6 +14,8 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
+from edgestream.runtime.greedy import greedy_decode
+from edgestream.runtime.session import GraphSession
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.whisper import repeats_too_often
 
@@ -47,6 +49,9 @@ class StreamingEncDecEngine:
         self.encoder = bundle.sessions["encoder"]
         self.memory = bundle.sessions["memory"]
         self.decoder = bundle.sessions["decoder"]
+        self.decoder_block = bundle.sessions.get("decoder_block")
+        self.block_size = (self.decoder_block.spec.input("token").shape[1]
+                           if self.decoder_block else 1)
         self.states = StateStore(m)
         self.tokenizer = bundle.tokenizer
         self.memory_length = 0
@@ -87,33 +92,40 @@ class StreamingEncDecEngine:
         for _ in range(self.flush_chunks):
             self.push(silence, valid_frames=0)
 
-    def _step(self, token: int, position: int) -> np.ndarray:
-        feeds = self.states.feeds("decoder")
-        feeds["token"] = np.array([[token]], dtype=np.int64)
+    def step(self, token: int, position: int) -> np.ndarray:
+        return self._run(self.decoder, "decoder", [token], position)[0]
+
+    def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        return self._run(self.decoder_block, "decoder_block", tokens, position)
+
+    def _run(self, session: GraphSession, graph: str, tokens: Sequence[int],
+             position: int) -> np.ndarray:
+        feeds = self.states.feeds(graph)
+        feeds["token"] = np.array([tokens], dtype=np.int64)
         feeds["position"] = np.array([position], dtype=np.int64)
         feeds["memory_length"] = np.array([self.memory_length], dtype=np.int64)
-        out = self.decoder.run(feeds)
-        self.states.update("decoder", out, position)
-        return out["logits"][0]
+        out = session.run(feeds)
+        self.states.update(graph, out, position)
+        return out["logits"].reshape(len(tokens), -1)
 
-    def decode(self, max_new: int, max_repeats: int = 4) -> list[int]:
-        """Greedy tokens of the current line (without the start and end tokens)."""
+    def decode(self, max_new: int, max_repeats: int = 4, hint: Sequence[int] = (),
+               stop_at_eos: bool = True) -> list[int]:
+        """Greedy tokens of the current line (without the start and end tokens). `hint`: the
+        line's previous hypothesis, re-scored in block passes (same result, less compute).
+        `stop_at_eos=False` decodes exactly `max_new` tokens (benchmarks with random weights)."""
         if self.memory_length == 0:
             return []
-        seq = list(self.prompt)
-        for pos, tok in enumerate(seq[:-1]):
-            self._step(tok, pos)
-        limit = min(self.t_max, len(seq) + max_new)
-        tokens: list[int] = []
-        logits = self._step(seq[-1], len(seq) - 1)
-        while True:
-            token = int(np.argmax(logits))
-            if token == self.eos:
-                return tokens
-            tokens.append(token)
-            if len(seq) + len(tokens) >= limit or repeats_too_often(tokens, max_repeats):
-                return tokens
-            logits = self._step(token, len(seq) + len(tokens) - 1)
+        limit = min(self.t_max, len(self.prompt) + max_new)
+
+        def choose(logits: np.ndarray, generated: list[int]) -> int:
+            if not stop_at_eos:
+                logits = logits.copy()
+                logits[self.eos] = -np.inf
+            return int(np.argmax(logits))
+
+        out = greedy_decode(self, self.prompt, choose, self.eos, limit,
+                            lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
+        return list(out.tokens)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()

@@ -46,6 +46,7 @@ class StreamingEncDecStreamer:
         self.active = False
         self._since_partial = 0
         self._last_partial = ""
+        self._hypothesis: list[int] = []
         self.final_latencies_ms: list[float] = []
         self.final_compute_ms: list[float] = []
 
@@ -132,7 +133,9 @@ class StreamingEncDecStreamer:
 
     def _partial(self) -> list[Event]:
         self._since_partial = 0
-        text = self.engine.text(self.engine.decode(self._budget(), self.config.max_repeats))
+        self._hypothesis = self.engine.decode(self._budget(), self.config.max_repeats,
+                                              hint=self._hypothesis)
+        text = self.engine.text(self._hypothesis)
         if text and text != self._last_partial:
             self._last_partial = text
             return [Partial(self.line, self.now, text, "")]
@@ -146,7 +149,9 @@ class StreamingEncDecStreamer:
             events += self._encode_ready(self.pending_start + self.pending.size
                                          if upto is None else upto)
         self.engine.flush()
-        text = self.engine.text(self.engine.decode(self._budget(), self.config.max_repeats))
+        text = self.engine.text(self.engine.decode(self._budget(), self.config.max_repeats,
+                                                   hint=self._hypothesis))
+        self._hypothesis = []
         end = self.line_start + self.encoded_samples
         if text:
             events.append(Final(self.line, t, text, reason, self.line_start / self.rate,

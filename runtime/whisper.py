@@ -5,26 +5,17 @@ Used by both `transcribe` (whole files, window by window) and the LocalAgreement
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
+from edgestream.runtime.greedy import GreedyResult, greedy_decode
 from edgestream.runtime.mel import WhisperLogMel
 from edgestream.runtime.state import StateStore
 
 _NEG = np.float32(-np.inf)
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """Tokens generated after the prompt (and after any forced prefix), without the end token."""
-
-    tokens: tuple[int, ...]
-    ended: bool
-    logits: tuple[np.ndarray, ...] = field(default=(), repr=False)
 
 
 def repeats_too_often(tokens: Sequence[int], max_repeats: int) -> bool:
@@ -51,6 +42,9 @@ class WhisperEngine:
         self.bundle = bundle
         self.encoder = bundle.sessions["encoder"]
         self.decoder = bundle.sessions["decoder"]
+        self.decoder_block = bundle.sessions.get("decoder_block")
+        self.block_size = (self.decoder_block.spec.input("tokens").shape[1]
+                           if self.decoder_block else 1)
         mel_spec = self.encoder.spec.inputs[0]
         self.mel = WhisperLogMel(n_mels=mel_spec.shape[1], n_samples=m.audio.window_samples)
         self.states = StateStore(m)
@@ -79,7 +73,7 @@ class WhisperEngine:
         mel = self.mel(audio)[None]
         self.states.update("encoder", self.encoder.run({self.encoder.spec.inputs[0].name: mel}))
 
-    def _step(self, token: int, position: int) -> np.ndarray:
+    def step(self, token: int, position: int) -> np.ndarray:
         feeds = self.states.feeds("decoder")
         feeds["tokens"] = np.array([[token]], dtype=np.int64)
         feeds["position"] = np.array([position], dtype=np.int64)
@@ -87,45 +81,47 @@ class WhisperEngine:
         self.states.update("decoder", out, position)
         return out["logits"][0]
 
+    def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        feeds = self.states.feeds("decoder_block")
+        feeds["tokens"] = np.array([tokens], dtype=np.int64)
+        feeds["position"] = np.array([position], dtype=np.int64)
+        out = self.decoder_block.run(feeds)
+        self.states.update("decoder_block", out, position)
+        return out["logits"][0]
+
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
-               max_new: int | None = None, max_repeats: int = 4,
-               keep_logits: bool = False) -> Decoded:
+               max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),
+               keep_logits: bool = False) -> GreedyResult:
         """Greedy decode after the prompt and the `forced` prefix (teacher-forced).
 
         Applies the suppression lists of the original generation config, Whisper's timestamp rules
-        when `timestamps`, and stops on an n-gram loop (hallucination guard).
+        when `timestamps`, and stops on an n-gram loop (hallucination guard). `hint`: the previous
+        hypothesis after `forced`, re-scored in block passes (same result, less compute).
         """
         prompt = list(self.prompt)
         if timestamps and prompt and prompt[-1] == self.no_timestamps:
             prompt = prompt[:-1]
-        seq = prompt + list(forced)
-        limit = self.t_max - 1 if max_new is None else min(self.t_max - 1, len(seq) + max_new)
-        if len(seq) >= limit:
-            return Decoded((), False)
-        for pos, tok in enumerate(seq[:-1]):
-            self._step(tok, pos)
-        generated: list[int] = []
-        kept: list[np.ndarray] = []
-        logits = self._step(seq[-1], len(seq) - 1)
-        while True:
+        forced = list(forced)
+        prefix = prompt + forced
+        limit = self.t_max - 1 if max_new is None else min(self.t_max - 1, len(prefix) + max_new)
+        if len(prefix) >= limit:
+            return GreedyResult((), False)
+
+        def choose(logits: np.ndarray, generated: list[int]) -> int:
             scores = logits.copy()
-            if keep_logits:
-                kept.append(logits)
             if self._suppress.size:
                 scores[self._suppress] = _NEG
             if not generated and not forced and self._suppress_begin.size:
                 scores[self._suppress_begin] = _NEG
             if timestamps:
-                self._timestamp_rules(scores, list(forced) + generated)
+                self._timestamp_rules(scores, forced + generated)
             elif self.timestamp_begin:
                 scores[self.timestamp_begin:] = _NEG
-            token = int(np.argmax(scores))
-            if token == self.eot:
-                return Decoded(tuple(generated), True, tuple(kept))
-            generated.append(token)
-            if len(seq) + len(generated) >= limit or repeats_too_often(generated, max_repeats):
-                return Decoded(tuple(generated), False, tuple(kept))
-            logits = self._step(token, len(seq) + len(generated) - 1)
+            return int(np.argmax(scores))
+
+        return greedy_decode(self, prefix, choose, self.eot, limit,
+                             lambda generated: repeats_too_often(generated, max_repeats),
+                             hint=hint, keep_logits=keep_logits)
 
     def _timestamp_rules(self, scores: np.ndarray, seq: list[int]) -> None:
         """Whisper's timestamp grammar: timestamps come in pairs, never go backwards, start the

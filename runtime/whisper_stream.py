@@ -115,8 +115,11 @@ class WhisperStreamer:
         started = time.perf_counter()
         self.engine.encode(self.buffer)
         budget = int(self.buffer.size / self.rate * self.config.tokens_per_second) + 8
-        out = self.engine.decode(self.agreement.committed, timestamps=True, max_new=budget,
-                                 max_repeats=self.config.max_repeats)
+        committed = self.agreement.committed
+        previous = self.agreement.previous or []
+        hint = previous[len(committed):] if previous[: len(committed)] == committed else []
+        out = self.engine.decode(committed, timestamps=True, max_new=budget,
+                                 max_repeats=self.config.max_repeats, hint=hint)
         # When one decode takes longer than a step of audio, decode less often instead of
         # letting latency grow: the next decode waits for 1.25x this decode's compute.
         if self.config.adaptive_step:
