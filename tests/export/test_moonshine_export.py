@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,58 +18,19 @@ from edgestream.runtime.state import StateStore
 
 torch = pytest.importorskip("torch")
 
-WINDOWS = [[16, 4], [16, 0], [16, 4]]
+from conftest import MOONSHINE_WINDOWS as WINDOWS
 MAX_MEMORY, MAX_TOKENS = 640, 48
 BLOCK = 16  # the recipe's default decoder_block size
 SPEECH_CLIP = "two_cities.wav"
 
 
-def build_tiny_moonshine(folder: Path, seed: int = 0) -> Path:
-    """A random moonshine_streaming (encoder 32 wide x 3 layers, decoder 40 wide x 2 layers with a
-    padded head dim of 10 and partial RoPE, so the enc->dec projection exists) with a word-level
-    tokenizer, saved like a hub checkpoint. Weights are re-drawn at unit scale so that attention
-    is peaked and greedy tokens vary: a wrong mask or position then shows in every number."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (MoonshineStreamingConfig, MoonshineStreamingForConditionalGeneration,
-                              PreTrainedTokenizerFast)
-
-    torch.manual_seed(seed)
-    cfg = MoonshineStreamingConfig(
-        encoder_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                        "num_attention_heads": 4, "num_key_value_heads": 4,
-                        "sliding_windows": WINDOWS, "max_position_embeddings": 1024},
-        vocab_size=50, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        pad_head_dim_to_multiple_of=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        decoder_start_token_id=1)
-    model = MoonshineStreamingForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name or "pos_emb" in name:
-                p.normal_(0.0, 1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, (4.0 if "proj_out" in name else 1.0) / math.sqrt(p[0].numel()))
-            elif "layernorm" in name or name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 50)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory):
+def parts(tiny_moonshine_dir: Path):
     from edgestream.export.moonshine_recipe import load_moonshine
     from edgestream.export.sources import resolve
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    folder = build_tiny_moonshine(tmp_path_factory.mktemp("tiny-moonshine"))
-    src = resolve(str(folder))
+    src = resolve(str(tiny_moonshine_dir))
     assert src.model_type == "moonshine_streaming"
     return load_moonshine(src)
 

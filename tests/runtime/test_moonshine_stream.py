@@ -1,0 +1,147 @@
+"""The streaming encoder-decoder driver on a tiny random moonshine_streaming bundle: every line it
+finalizes equals the transformers model run on that line's audio, re-scoring is exact, silence
+costs nothing, and a full memory splits the line instead of failing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import speech_dir
+from edgestream.runtime.bundle import Bundle
+from edgestream.runtime.events import Event, Final, Partial
+from edgestream.runtime.loop import LoopConfig, run_loop
+from edgestream.runtime.moonshine import StreamingEncDecEngine
+from edgestream.runtime.moonshine_stream import StreamingConfig, StreamingEncDecStreamer
+from edgestream.runtime.sources import FileSource
+from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad
+from edgestream.runtime.wav import read_wav, to_mono
+
+NO_LOOP_GUARD = 10**6  # random weights loop a lot; compare raw greedy decoding
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+
+def stream(bundle: Path, clip: Path, **config) -> tuple[list[Event], StreamingEncDecEngine]:
+    engine = StreamingEncDecEngine(Bundle.open(bundle))
+    endpointer = Endpointer(EnergyVad(-40.0), EndpointConfig(), 16000)
+    driver = StreamingEncDecStreamer(engine, endpointer,
+                                     StreamingConfig(max_repeats=NO_LOOP_GUARD, **config))
+    sink = Collect()
+    run_loop(FileSource(clip), driver, [sink], LoopConfig(16000, engine.chunk))
+    return sink.events, engine
+
+
+def reference_text(model_dir: Path, audio: np.ndarray, budget_per_s: float = 8.0) -> str:
+    """transformers on the whole line: encoder with a mask, greedy by full forward per token."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import MoonshineStreamingForConditionalGeneration
+
+    model = MoonshineStreamingForConditionalGeneration.from_pretrained(model_dir).eval()
+    audio = audio[: audio.size - audio.size % 80]
+    values = torch.from_numpy(audio)[None]
+    mask = torch.ones_like(values, dtype=torch.long)
+    start, eos = model.config.decoder_start_token_id, model.config.eos_token_id
+    tokens: list[int] = []
+    with torch.no_grad():
+        frames = model.model.encoder(values, attention_mask=mask).last_hidden_state.shape[1]
+        budget = int(frames * 320 / 16000 * budget_per_s) + 8
+        for _ in range(budget):
+            logits = model(values, attention_mask=mask,
+                           decoder_input_ids=torch.tensor([[start, *tokens]])).logits[0, -1]
+            token = int(torch.argmax(logits))
+            if token == eos:
+                break
+            tokens.append(token)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return tok.decode(tokens).strip()
+
+
+def test_each_final_equals_the_model_on_its_audio(tiny_moonshine_bundle: Path,
+                                                  tiny_moonshine_dir: Path) -> None:
+    clip = speech_dir() / "beckett.wav"
+    events, _ = stream(tiny_moonshine_bundle, clip)
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) >= 3, events  # beckett's pauses cut several lines
+    audio = to_mono(read_wav(clip).samples)
+    for final in finals:
+        a, b = round(final.start * 16000), round(final.end * 16000)
+        assert final.text == reference_text(tiny_moonshine_dir, audio[a:b]), final
+    partial_lines = {e.line for e in events if isinstance(e, Partial)}
+    assert partial_lines <= {f.line for f in finals}
+
+
+def test_rescoring_with_a_hint_is_exact_and_cheaper(tiny_moonshine_bundle: Path) -> None:
+    engine = StreamingEncDecEngine(Bundle.open(tiny_moonshine_bundle))
+    assert engine.block_size > 1
+    audio = to_mono(read_wav(speech_dir() / "arctic_a0007.wav").samples)
+    for i in range(0, audio.size - engine.chunk, engine.chunk):
+        engine.push(audio[i: i + engine.chunk])
+    steps = {"n": 0}
+    step = engine.step
+
+    def counted(token: int, position: int) -> np.ndarray:
+        steps["n"] += 1
+        return step(token, position)
+
+    engine.step = counted  # type: ignore[method-assign]
+    plain = engine.decode(40, NO_LOOP_GUARD)
+    plain_steps, steps["n"] = steps["n"], 0
+    same = engine.decode(40, NO_LOOP_GUARD, hint=plain)
+    assert same == plain and steps["n"] <= 1  # the whole line re-scored in block passes
+    steps["n"] = 0
+    wrong = plain[:5] + [(t + 1) % 40 + 4 for t in plain[5:]]
+    assert engine.decode(40, NO_LOOP_GUARD, hint=wrong) == plain
+    assert steps["n"] < plain_steps  # the agreed prefix was not stepped again
+    assert len(plain) >= 10, plain
+
+
+def test_silence_costs_no_decode(tiny_moonshine_bundle: Path, tmp_path: Path) -> None:
+    import wave
+
+    path = tmp_path / "silence.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(16000 * 5, dtype=np.int16).tobytes())
+    events, engine = stream(tiny_moonshine_bundle, path)
+    assert [e.type for e in events] == ["stats"]
+    assert engine.memory_length == 0
+
+
+def test_full_memory_splits_the_line(tiny_moonshine_dir: Path, tmp_path: Path) -> None:
+    from edgestream.export.build import ExportOptions, export_bundle
+
+    out = tmp_path / "short-memory"
+    export_bundle(ExportOptions(str(tiny_moonshine_dir), out, vad="none", max_memory_frames=60))
+    events, _ = stream(out, speech_dir() / "two_cities.wav")
+    finals = [e for e in events if isinstance(e, Final)]
+    assert any(f.reason == "window" for f in finals), [f.reason for f in finals]
+    assert all(f.end - f.start <= 60 * 0.02 + 0.1 for f in finals if f.reason == "window")
+    assert [f.line for f in finals] == list(range(len(finals)))
+
+
+def test_cli_streams_a_moonshine_bundle(tiny_moonshine_bundle: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from edgestream.runtime import cli
+
+    rc = cli.main(["run", str(tiny_moonshine_bundle), "--input",
+                   str(speech_dir() / "beckett.wav"), "--jsonl", "--partial-ms", "400"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["type"] == "ready" and events[0]["pipeline"] == "streaming_encoder_decoder"
+    assert any(e["type"] == "final" for e in events)
+    stats = events[-1]
+    assert stats["type"] == "stats" and stats["chunks"] == pytest.approx(10.0 / 0.08, abs=2)
+    assert "final_compute_ms_p50" in stats
