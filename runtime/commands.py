@@ -11,7 +11,7 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError
-from edgestream.runtime.events import Ready
+from edgestream.runtime.events import Final, Ready
 from edgestream.runtime.loop import Driver, LoopConfig, run_loop
 from edgestream.runtime.moonshine import StreamingEncDecEngine
 from edgestream.runtime.moonshine_stream import StreamingConfig, StreamingEncDecStreamer
@@ -37,15 +37,29 @@ def _open(args: argparse.Namespace) -> Bundle:
 def transcribe(args: argparse.Namespace) -> int:
     # every file is read and checked before the first transcript is printed
     audio = [read_wav(Path(f)) for f in args.files]
-    engine = WhisperEngine(_open(args))
-    rate = engine.bundle.manifest.audio.sample_rate
+    bundle = _open(args)
+    rate = bundle.manifest.audio.sample_rate
+    whisper = WhisperEngine(bundle) if bundle.manifest.pipeline == "whisper_window" else None
     for f, wav in zip(args.files, audio):
         samples = to_mono(wav.samples)
         if wav.sample_rate != rate:
             resampler = StreamingResampler(wav.sample_rate, rate)
             samples = np.concatenate([resampler.process(samples), resampler.flush()])
-        print(f"{f}\t{transcribe_audio(engine, samples)}", flush=True)
+        text = (transcribe_audio(whisper, samples) if whisper
+                else _transcribe_streaming(bundle, samples))
+        print(f"{f}\t{text}", flush=True)
     return 0
+
+
+def _transcribe_streaming(bundle: Bundle, samples: np.ndarray) -> str:
+    """A streaming bundle transcribes a file by streaming it: its lines, finals only."""
+    options = argparse.Namespace(vad="auto", endpoint_ms=640, energy_threshold_db=-40.0,
+                                 partial_ms=10**9, step_ms=500, realtime=False, input="")
+    driver = _driver(bundle, options)
+    chunk = bundle.manifest.audio.chunk_samples
+    events = [e for i in range(0, samples.size, chunk) for e in driver.feed(samples[i:i + chunk])]
+    events += driver.finish()
+    return " ".join(e.text for e in events if isinstance(e, Final))
 
 
 def _endpointer(bundle: Bundle, states: StateStore, args: argparse.Namespace) -> Endpointer:

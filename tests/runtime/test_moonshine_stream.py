@@ -145,3 +145,14 @@ def test_cli_streams_a_moonshine_bundle(tiny_moonshine_bundle: Path,
     stats = events[-1]
     assert stats["type"] == "stats" and stats["chunks"] == pytest.approx(10.0 / 0.08, abs=2)
     assert "final_compute_ms_p50" in stats
+
+
+def test_cli_transcribes_with_a_moonshine_bundle(tiny_moonshine_bundle: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from edgestream.runtime import cli
+
+    clips = [speech_dir() / "arctic_a0007.wav", speech_dir() / "arctic_a0009.wav"]
+    assert cli.main(["transcribe", str(tiny_moonshine_bundle), *map(str, clips)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]
+    assert all(line.split("\t")[1].startswith("w") for line in lines)  # the tiny vocabulary
