@@ -39,6 +39,7 @@ class ExportOptions:
     window_semantics: str = "transformers"
     max_memory_frames: int = 0  # 0: 30 s (1500 rows) or the model's limit if smaller
     max_tokens: int = 256
+    quantize: str = "none"  # "int8": dynamic int8 MatMul weights, gated on greedy-token identity
 
 
 def default_parity_audio() -> tuple[Path, ...]:
@@ -85,6 +86,29 @@ def _moonshine() -> Recipe:
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
 
 
+def _quantize(recipe: Recipe, parts: Any, folder: Path, data: dict, opts: ExportOptions) -> dict:
+    """Quantize every model graph, then hold the int8 bundle to the fp32 reference: the same
+    parity run must give identical greedy tokens on every clip (logits may move, words may not)."""
+    from edgestream.export.quantize import quantize_graphs
+
+    if opts.quantize != "int8":
+        raise ExportError(f"--quantize {opts.quantize!r}: use none or int8")
+    graphs = tuple(g["name"] for g in data["graphs"] if g["name"] != data.get("vad"))
+    data = quantize_graphs(folder, data, graphs, mode="int8", per_channel=True)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
+    report = recipe.parity(parts, folder, list(opts.parity_audio or default_parity_audio()))
+    gate = report["identical_clips"] == len(report["clips"])
+    data["accuracy_int8"] = {**report, "passed": gate,
+                             "gate": "identical greedy tokens on every parity clip"}
+    (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
+    if not gate:
+        raise ParityError(f"{opts.source}: the int8 bundle changes greedy tokens on "
+                          f"{len(report['clips']) - report['identical_clips']} parity clip(s); "
+                          "export with --quantize none, or check more audio:\n"
+                          + json.dumps(report, indent=2), report)
+    return data
+
+
 def export_bundle(opts: ExportOptions) -> dict:
     """Export, check parity, and move the bundle into place; returns the parity report."""
     if opts.out.exists() and any(opts.out.iterdir()) and not opts.force:
@@ -115,6 +139,8 @@ def export_bundle(opts: ExportOptions) -> dict:
         if not report["passed"]:
             raise ParityError(f"{opts.source}: parity check failed, bundle not written:\n"
                               + json.dumps(report, indent=2), report)
+        if opts.quantize != "none":
+            data = _quantize(recipe, parts, tmp, data, opts)
         if opts.out.exists():
             shutil.rmtree(opts.out)
         tmp.rename(opts.out)

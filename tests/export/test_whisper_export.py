@@ -151,3 +151,21 @@ def test_real_tiny_en_parity(real_bundle: Path) -> None:
     m = load_manifest(real_bundle)
     assert m.graph("decoder_block").output("logits").shape == (1, BLOCK, 51864)
     assert m.graph("decoder").output("logits").shape == (1, 51864)
+
+
+def test_int8_export_keeps_greedy_tokens(tmp_path: Path) -> None:
+    """--quantize int8 (per-channel MatMul weights) ships only when every parity clip decodes to
+    the same tokens as the original model."""
+    from conftest import HUMAN_CLIPS, speech_dir
+
+    clips = tuple(speech_dir() / c for c in HUMAN_CLIPS)
+    out = tmp_path / "int8"
+    export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips,
+                                quantize="int8"))
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["accuracy_int8"]["passed"]
+    assert data["accuracy_int8"]["identical_clips"] == 4
+    precision = {g["name"]: g["precision"] for g in data["graphs"]}
+    assert precision == {"encoder": "int8", "decoder": "int8", "decoder_block": "int8",
+                         "vad": "fp32"}
+    Bundle.open(out)
