@@ -7,13 +7,13 @@ line starts from fresh state, exactly as the model would see that utterance on i
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgestream.runtime.events import Event, Final, Partial, SpeechStarted
 from edgestream.runtime.moonshine import StreamingEncDecEngine
+from edgestream.runtime.stats import finalize_at_endpoint
 from edgestream.runtime.vad import EndpointConfig, Endpointer
 
 
@@ -63,14 +63,8 @@ class StreamingEncDecStreamer:
                 events.append(SpeechStarted(self.line, vad.decided / self.rate,
                                             self.line_start / self.rate))
             elif vad.kind == "end" and self.active:
-                started = time.perf_counter()
-                # cut in the middle of the pause: audio after it may hold the next utterance
-                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2,
-                                         t=vad.decided / self.rate)
-                compute = (time.perf_counter() - started) * 1000.0
-                self.final_compute_ms.append(compute)
-                self.final_latencies_ms.append((vad.decided - vad.sample) * 1000.0 / self.rate
-                                               + compute)
+                events += finalize_at_endpoint(self._finalize, vad, self.rate,
+                                               self.final_latencies_ms, self.final_compute_ms)
         if not self.active:
             keep = self.config.preroll_ms * self.rate // 1000
             if self.pending.size > keep:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import numpy as np
+
+from edgestream.runtime.events import Event
+from edgestream.runtime.vad import VadEvent
+
+
+def finalize_at_endpoint(finalize: Callable[..., list[Event]], vad: VadEvent, rate: int,
+                         latencies_ms: list[float], compute_ms: list[float]) -> list[Event]:
+    """Finalize a line at a VAD endpoint, cutting in the middle of the pause (audio after it may
+    hold the next utterance), and record end of speech -> final: the trailing silence waited
+    plus the compute spent."""
+    started = time.perf_counter()
+    events = finalize("endpoint", upto=(vad.sample + vad.decided) // 2, t=vad.decided / rate)
+    compute = (time.perf_counter() - started) * 1000.0
+    compute_ms.append(compute)
+    latencies_ms.append((vad.decided - vad.sample) * 1000.0 / rate + compute)
+    return events
 
 
 class StreamStats:

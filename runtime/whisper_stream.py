@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from edgestream.runtime.agreement import LocalAgreement
 from edgestream.runtime.events import Event, Final, Partial, SpeechStarted
+from edgestream.runtime.stats import finalize_at_endpoint
 from edgestream.runtime.vad import EndpointConfig, Endpointer
 from edgestream.runtime.whisper import WhisperEngine
 
@@ -83,14 +84,8 @@ class WhisperStreamer:
                 events.append(SpeechStarted(self.line, vad.decided / self.rate,
                                             vad.sample / self.rate))
             elif vad.kind == "end" and self.active:
-                started = time.perf_counter()
-                # cut in the middle of the pause: audio after it may hold the next utterance
-                events += self._finalize("endpoint", upto=(vad.sample + vad.decided) // 2,
-                                         t=vad.decided / self.rate)
-                compute = (time.perf_counter() - started) * 1000.0
-                self.final_compute_ms.append(compute)
-                waited = (vad.decided - vad.sample) * 1000.0 / self.rate
-                self.final_latencies_ms.append(waited + compute)
+                events += finalize_at_endpoint(self._finalize, vad, self.rate,
+                                               self.final_latencies_ms, self.final_compute_ms)
         if not self.active:
             self._drop_silence()
             return events
