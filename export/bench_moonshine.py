@@ -9,8 +9,9 @@ the first --seconds of two_cities.wav, engines rotated per run, after an untimed
    Random weights never say eos: each decode yields round(3 tokens/s x audio so far) tokens
    (`stop_at_eos=False`), re-scoring the last partial via `decoder_block` ("rescored") or from
    scratch (`hint=()`, "naive"). "hint kept": share of a partial that the next one kept; random
-   weights keep far less than trained ones, so "stable" also re-scores a hint that is the true
-   result's prefix of the last partial's length (found by an untimed decode): the best case;
+   weights keep far less than trained ones, so "stable" re-scores a hint that is the result's
+   prefix of the last partial's length (found by an untimed decode): the best case. int8 block
+   and step logits differ (activations quantized per call), so there a hint can fail anyway;
 3. end of speech to final: flush + final decode (re-scored from the last partial), ms;
 4. transformers eager without streaming: `generate` on the utterance so far (encoder over all audio,
    KV-cached greedy of the same token count) at every --eager-every-th update point, scaled to all
@@ -120,15 +121,15 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def stream_once(engine: Any, audio: np.ndarray, mode: str, row: Row | None) -> None:
     """One utterance through the engine as the driver runs it; recorded in `row` when given.
     `mode`: "rescored" (hint = last partial), "naive" (no hint), "stable" (hint = the first
-    len(last partial) tokens of the true result, found by an untimed decode: the best case of a
-    trained model whose partials only grow)."""
+    len(last partial) tokens of the result, found by an untimed re-scored decode: the best case,
+    a trained model whose partials only grow)."""
     c = engine.chunk
     chunks = audio.size // c
     points, hyp, pushes, kept, decode_s = set(update_points(chunks, c)), [], [], [], 0.0
 
     def decode(n: int, last: list[int]) -> tuple[list[int], float]:
         if mode == "stable":
-            last = engine.decode(n, NO_LOOP_GUARD, stop_at_eos=False)[: len(last)]
+            last = engine.decode(n, NO_LOOP_GUARD, hint=last, stop_at_eos=False)[: len(last)]
         return _timed(lambda: engine.decode(n, NO_LOOP_GUARD, stop_at_eos=False,
                                             hint=() if mode == "naive" else last))
 
@@ -217,6 +218,26 @@ def summarize(name: str, r: Row, eager: float) -> dict[str, Any]:
                 runs={k: v for k, v in r.items() if k != "push_ms"})
 
 
+def run_engines(runners: dict[str, Callable[[np.ndarray, Row | None], None]], audio: np.ndarray,
+                runs: int) -> dict[str, Row]:
+    """Warm every engine up on 1 s, then `runs` passes over `audio`, the order rotated per pass;
+    records what share of the CPUs the other processes on this machine took meanwhile."""
+    rows: dict[str, Row] = {name: defaultdict(list) for name in runners}
+    names = list(runners)
+    for name in names:
+        runners[name](audio[:RATE], None)
+    for rep in range(runs):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            (all0, own0), t0 = busy_seconds(), time.perf_counter()
+            runners[name](audio, rows[name])
+            (all1, own1), wall = busy_seconds(), time.perf_counter() - t0
+            rows[name]["others_cpu"].append(max(0.0, (all1 - all0 - own1 + own0)
+                                                / (wall * (os.cpu_count() or 1))))
+            print(f"  run {rep + 1} {name}: {rows[name]['stream_rtf'][-1]:.3f} s compute per "
+                  "audio s", flush=True)
+    return rows
+
+
 def bench_size(size: str, args: argparse.Namespace, audio: np.ndarray, clip: Path) -> dict:
     import torch
 
@@ -243,21 +264,7 @@ def bench_size(size: str, args: argparse.Namespace, audio: np.ndarray, clip: Pat
     chunk = engines["fp32"].chunk
     runners["transformers eager"] = eager_runner(args.work / size / "model", chunk,
                                                  args.eager_every)
-    rows: dict[str, Row] = {name: defaultdict(list) for name in runners}
-    names = list(runners)
-    for name in names:
-        runners[name](audio[:RATE], None)
-    for rep in range(args.runs):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            (all0, own0), t0 = busy_seconds(), time.perf_counter()
-            runners[name](audio, rows[name])
-            (all1, own1), wall = busy_seconds(), time.perf_counter() - t0
-            # CPU share the other processes on this machine took while this engine was timed
-            rows[name]["others_cpu"].append(max(0.0, (all1 - all0 - own1 + own0)
-                                                / (wall * (os.cpu_count() or 1))))
-            print(f"  run {rep + 1} {name}: {rows[name]['stream_rtf'][-1]:.3f} s compute per "
-                  "audio s", flush=True)
-
+    rows = run_engines(runners, audio, args.runs)
     chunks = audio.size // chunk
     secs, points = chunks * chunk / RATE, update_points(chunks, chunk)
     timed = len(points[args.eager_every // 2::args.eager_every])
