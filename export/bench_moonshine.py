@@ -94,12 +94,14 @@ def prepare(size: str, root: Path, chunk_ms: int, int8: bool, clip: Path) -> dic
                                          parity_audio=(clip,), force=True))
     info = dict(params=params, parity=parity, export_s=time.perf_counter() - t0,
                 bundles={"fp32": root / "fp32"})
-    if int8:
-        shutil.copytree(root / "fp32", root / "int8")
-        data = quantize_graphs(root / "int8", json.loads((root / "fp32/manifest.json").read_text()),
-                               ("encoder", "memory", "decoder", "decoder_block"))
-        (root / "int8" / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
-        info["bundles"]["int8"] = root / "int8"
+    # int8: every model graph; int8enc: the audio side only, decoders fp32 (exact re-scoring)
+    for name, graphs in (("int8", ("encoder", "memory", "decoder", "decoder_block")),
+                         ("int8enc", ("encoder", "memory"))) if int8 else ():
+        shutil.copytree(root / "fp32", root / name, dirs_exist_ok=True)
+        data = quantize_graphs(root / name, json.loads((root / "fp32/manifest.json").read_text()),
+                               graphs, per_channel=True)
+        (root / name / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+        info["bundles"][name] = root / name
     return info
 
 

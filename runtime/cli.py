@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-audio", nargs="+", type=Path, default=(),
                    help="WAV clips for the parity check (default: the shipped demo clip)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="dynamic int8 weights for every model graph; the export fails unless the "
-                        "int8 bundle gives the same greedy tokens on every parity clip")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int8-encoder"],
+                   help="dynamic int8 weights (per channel) for every model graph, or only the "
+                        "audio side (encoder, memory: keeps decoder re-scoring exact); the export "
+                        "fails unless greedy tokens stay identical on every parity clip")
     p.add_argument("--chunk-ms", type=int, default=80,
                    help="streaming encoders: audio per encoder step, 20-320 ms (default 80)")
     p.add_argument("--window-semantics", default="transformers",
