@@ -90,6 +90,14 @@ def _moonshine() -> Recipe:
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
 
 
+def graphs_to_quantize(data: dict, mode: str) -> tuple[str, ...]:
+    """Model graphs (never the VAD) that `mode` quantizes. int8-encoder keeps the decoders fp32:
+    dynamic int8 quantizes a block's activations jointly, so block and step logits would drift
+    apart (0.03 measured) and re-scoring would stop being exact."""
+    return tuple(g["name"] for g in data["graphs"] if g["name"] != data.get("vad")
+                 and (mode == "int8" or not g["name"].startswith("decoder")))
+
+
 def _quantize(recipe: Recipe, parts: Any, folder: Path, data: dict, opts: ExportOptions) -> dict:
     """Quantize every model graph, then hold the int8 bundle to the fp32 reference: the same
     parity run must give identical greedy tokens on every clip (logits may move, words may not)."""
@@ -97,10 +105,7 @@ def _quantize(recipe: Recipe, parts: Any, folder: Path, data: dict, opts: Export
 
     if opts.quantize not in QUANTIZE_MODES:
         raise ExportError(f"--quantize {opts.quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
-    # int8-encoder keeps the decoders fp32: dynamic int8 quantizes a block's activations jointly,
-    # so block and step logits would drift apart (0.03 measured) and re-scoring stop being exact
-    graphs = tuple(g["name"] for g in data["graphs"] if g["name"] != data.get("vad")
-                   and (opts.quantize == "int8" or not g["name"].startswith("decoder")))
+    graphs = graphs_to_quantize(data, opts.quantize)
     data = quantize_graphs(folder, data, graphs, mode="int8", per_channel=True)
     (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
     report = recipe.parity(parts, folder, list(opts.parity_audio or default_parity_audio()))

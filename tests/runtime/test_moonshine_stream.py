@@ -156,3 +156,21 @@ def test_cli_transcribes_with_a_moonshine_bundle(tiny_moonshine_bundle: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]
     assert all(line.split("\t")[1].startswith("w") for line in lines)  # the tiny vocabulary
+
+
+def test_int8_gate(tiny_moonshine_bundle: Path, tiny_moonshine_dir: Path, tmp_path: Path) -> None:
+    """int8-encoder quantizes the audio side only; an int8 bundle that changes greedy tokens on a
+    parity clip is refused (the tiny random model's unit-scale weights are that sensitive)."""
+    from edgestream.export.build import ExportOptions, export_bundle, graphs_to_quantize
+    from edgestream.export.errors import ParityError
+
+    data = json.loads((tiny_moonshine_bundle / "manifest.json").read_text())
+    assert graphs_to_quantize(data, "int8-encoder") == ("encoder", "memory")
+    assert graphs_to_quantize(data, "int8") == ("encoder", "memory", "decoder", "decoder_block")
+    out = tmp_path / "int8"
+    with pytest.raises(ParityError, match="int8 bundle changes greedy tokens") as err:
+        export_bundle(ExportOptions(str(tiny_moonshine_dir), out, vad="none",
+                                    quantize="int8-encoder",
+                                    parity_audio=(speech_dir() / "arctic_a0009.wav",)))
+    assert err.value.report["identical_clips"] < len(err.value.report["clips"])
+    assert not out.exists()
