@@ -20,7 +20,7 @@ from edgestream.export.ct2_whisper import (
 )
 from edgestream.export.errors import ExportError
 
-SPEECH = Path(__file__).resolve().parents[3] / "shared" / "data" / "speech"
+from conftest import SPEECH  # noqa: E402  (the shared lookup: env, ../shared, /work/shared)
 CLIPS = ("beckett.wav", "arctic_a0007.wav", "arctic_a0009.wav")
 
 

@@ -12,7 +12,7 @@ import pytest
 from edgestream.runtime.errors import AudioInputError
 from edgestream.runtime.wav import WavAudio, pcm16_to_float, read_wav, to_mono
 
-SPEECH = Path(__file__).resolve().parents[3] / "shared" / "data" / "speech"
+from conftest import SPEECH  # noqa: E402  (the shared lookup: env, ../shared, /work/shared)
 
 _GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 
