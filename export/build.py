@@ -123,6 +123,9 @@ def _quantize(recipe: Recipe, parts: Any, folder: Path, data: dict, opts: Export
 
 def export_bundle(opts: ExportOptions) -> dict:
     """Export, check parity, and move the bundle into place; returns the parity report."""
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export",
+                  "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # exporter chatter is not for users
     if opts.out.exists() and any(opts.out.iterdir()) and not opts.force:
         raise ExportError(f"{opts.out}: output folder exists and is not empty; pass --force "
                           "to replace it")

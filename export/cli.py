@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from edgestream.export.build import ExportOptions, export_bundle
@@ -12,8 +11,6 @@ from edgestream.export.errors import ParityError
 
 
 def run_export(args: argparse.Namespace) -> int:
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     opts = ExportOptions(source=args.source, out=args.output, revision=args.revision,
                          language=args.language, vad=args.vad,
                          parity_audio=tuple(args.parity_audio), force=args.force,

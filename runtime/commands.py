@@ -159,4 +159,5 @@ def demo(args: argparse.Namespace) -> int:
     clip = Path(str(files("edgestream.runtime") / "assets" / DEMO_CLIP))
     args.realtime = not args.fast
     source = FileSource(clip, realtime=args.realtime)
-    return stream(bundle, source, f"{DEMO_CLIP} (demo clip, real-time pace)", args)
+    pace = "real-time pace" if args.realtime else "as fast as it computes"
+    return stream(bundle, source, f"{DEMO_CLIP} (demo clip, {pace})", args)
