@@ -20,7 +20,7 @@ from edgestream.export.ct2_whisper import (
 )
 from edgestream.export.errors import ExportError
 
-from conftest import SPEECH  # noqa: E402  (the shared lookup: env, ../shared, /work/shared)
+from conftest import speech_dir  # the shared lookup: env, ../shared, /work/shared
 CLIPS = ("beckett.wav", "arctic_a0007.wav", "arctic_a0009.wav")
 
 
@@ -157,7 +157,7 @@ def test_greedy_tokens_match_ctranslate2() -> None:
     prompt = [info.sot, info.no_timestamps]
     texts = {}
     for clip in CLIPS:
-        audio = _read_wav(SPEECH / clip)
+        audio = _read_wav(speech_dir() / clip)
         features = extractor(audio, sampling_rate=16000, return_tensors="np").input_features
         features = np.ascontiguousarray(features, dtype=np.float32)
         expected = reference.generate(ctranslate2.StorageView.from_array(features), [prompt],

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from transformers import WhisperFeatureExtractor  # noqa: E402
 from transformers.audio_utils import mel_filter_bank  # noqa: E402
 
-from conftest import SPEECH  # noqa: E402  (the shared lookup: env, ../shared, /work/shared)
+from conftest import SPEECH  # the shared lookup: env, ../shared, /work/shared
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 TOLERANCE = 1e-4
 

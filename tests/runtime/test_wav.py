@@ -12,7 +12,7 @@ import pytest
 from edgestream.runtime.errors import AudioInputError
 from edgestream.runtime.wav import WavAudio, pcm16_to_float, read_wav, to_mono
 
-from conftest import SPEECH  # noqa: E402  (the shared lookup: env, ../shared, /work/shared)
+from conftest import speech_dir  # the shared lookup: env, ../shared, /work/shared
 
 _GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 
@@ -178,7 +178,7 @@ def test_pcm16_to_float_whole_frames_only() -> None:
 
 
 def test_beckett_reads_as_16k_mono() -> None:
-    path = SPEECH / "beckett.wav"
+    path = speech_dir() / "beckett.wav"
     if not path.exists():
         pytest.skip(f"speech clip {path} is not present")
     audio = read_wav(path)
