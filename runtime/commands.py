@@ -105,7 +105,8 @@ def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:
         from edgestream.runtime.mic import MicSource, resolve_device
 
         device = resolve_device(args.device)
-        # ~10 s of queue: a slow decode delays captions but never drops audio
+        # at least 10 s of queue (sized for 48 kHz, 1024-frame blocks; more at lower rates): a
+        # slow decode delays captions but never drops audio
         mic = MicSource(device, sample_rate=rate, queue_blocks=MIC_QUEUE_S * 48000 // 1024)
         mic.start()
         return mic, f"mic: {device.name} @ {mic.sample_rate} Hz"
