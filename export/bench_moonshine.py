@@ -244,7 +244,7 @@ def bench_size(size: str, args: argparse.Namespace, audio: np.ndarray, clip: Pat
     import torch
 
     from edgestream.runtime.bundle import Bundle
-    from edgestream.runtime.moonshine import StreamingEncDecEngine
+    from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
     from edgestream.runtime.session import SessionConfig
 
     info = prepare(size, args.work / size, args.chunk_ms, args.int8, clip)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from edgestream.runtime.wav import read_wav, to_mono
+    from edgestream.runtime.audio.wav import read_wav, to_mono
 
     logging.basicConfig(level=logging.ERROR)  # quantize_dynamic's advice, exporter chatter
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)

@@ -61,7 +61,7 @@ def ensure_bundle(path: Path | None) -> Path:
 
 
 def windows(engine_window: int, audio: np.ndarray) -> list[np.ndarray]:
-    from edgestream.runtime.transcribe import split_points
+    from edgestream.runtime.families.whisper.transcribe import split_points
 
     return [audio[a:b] for a, b in split_points(audio, RATE, engine_window)]
 
@@ -77,8 +77,8 @@ def make_engines(bundle_dir: Path, threads: int) -> tuple[dict[str, Transcriber]
     from edgestream.export.ct2_whisper import builtin_folder, load_ct2_whisper
     from edgestream.runtime.bundle import Bundle
     from edgestream.runtime.session import SessionConfig
-    from edgestream.runtime.transcribe import transcribe_audio
-    from edgestream.runtime.whisper import WhisperEngine
+    from edgestream.runtime.families.whisper.transcribe import transcribe_audio
+    from edgestream.runtime.families.whisper.engine import WhisperEngine
 
     t0 = time.perf_counter()
     ours = WhisperEngine(Bundle.open(bundle_dir, SessionConfig(provider="cpu", threads=threads)))
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.threads < 1:
         p.error("--runs and --threads must be at least 1")
 
-    from edgestream.runtime.wav import read_wav, to_mono
+    from edgestream.runtime.audio.wav import read_wav, to_mono
 
     audios = []
     for clip in args.clips:

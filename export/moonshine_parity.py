@@ -27,7 +27,7 @@ from edgestream.export.errors import ExportError
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.session import GraphSession, SessionConfig
 from edgestream.runtime.state import StateStore
-from edgestream.runtime.wav import read_wav, to_mono
+from edgestream.runtime.audio.wav import read_wav, to_mono
 
 log = logging.getLogger(__name__)
 

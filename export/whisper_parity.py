@@ -21,8 +21,8 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.session import GraphSession, SessionConfig
 from edgestream.runtime.state import StateStore
-from edgestream.runtime.wav import read_wav, to_mono
-from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.audio.wav import read_wav, to_mono
+from edgestream.runtime.families.whisper.engine import WhisperEngine
 
 log = logging.getLogger(__name__)
 

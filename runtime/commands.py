@@ -11,20 +11,20 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError
-from edgestream.runtime.events import Final, Ready
+from edgestream.runtime.events.types import Final, Ready
 from edgestream.runtime.loop import Driver, LoopConfig, run_loop
-from edgestream.runtime.moonshine import StreamingEncDecEngine
-from edgestream.runtime.moonshine_stream import StreamingConfig, StreamingEncDecStreamer
-from edgestream.runtime.resample import StreamingResampler
+from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
+from edgestream.runtime.families.moonshine.policy import StreamingConfig, StreamingEncDecStreamer
+from edgestream.runtime.audio.resample import StreamingResampler
 from edgestream.runtime.session import SessionConfig, resolve_providers
-from edgestream.runtime.sinks import CaptionSink, JsonlSink
+from edgestream.runtime.events.sinks import CaptionSink, JsonlSink
 from edgestream.runtime.state import StateStore
-from edgestream.runtime.sources import AudioSource, FileSource, PcmStdinSource
-from edgestream.runtime.transcribe import transcribe_audio
+from edgestream.runtime.audio.sources import AudioSource, FileSource, PcmStdinSource
+from edgestream.runtime.families.whisper.transcribe import transcribe_audio
 from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad, SileroVad
-from edgestream.runtime.wav import read_wav, to_mono
-from edgestream.runtime.whisper import WhisperEngine
-from edgestream.runtime.whisper_stream import WhisperStreamConfig, WhisperStreamer
+from edgestream.runtime.audio.wav import read_wav, to_mono
+from edgestream.runtime.families.whisper.engine import WhisperEngine
+from edgestream.runtime.families.whisper.policy import WhisperStreamConfig, WhisperStreamer
 
 DEMO_CLIP = "beckett.wav"
 MIC_QUEUE_S = 10
@@ -102,7 +102,7 @@ def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str]:
                                   "rate in Hz (e.g. 16000) and the channel count (e.g. 1)")
         return PcmStdinSource(args.stdin_rate, args.stdin_channels), "stdin (s16le)"
     if args.input == "mic":
-        from edgestream.runtime.mic import MicSource, resolve_device
+        from edgestream.runtime.audio.mic import MicSource, resolve_device
 
         device = resolve_device(args.device)
         # at least 10 s of queue (sized for 48 kHz, 1024-frame blocks; more at lower rates): a
@@ -130,7 +130,7 @@ def stream(bundle: Bundle, source: AudioSource, label: str, args: argparse.Names
 
 def run(args: argparse.Namespace) -> int:
     if args.list_devices:
-        from edgestream.runtime.mic import list_input_devices
+        from edgestream.runtime.audio.mic import list_input_devices
 
         for d in list_input_devices():
             print(d.describe())

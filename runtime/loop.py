@@ -14,12 +14,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from edgestream.runtime.events import Event, Notice, Stats
-from edgestream.runtime.resample import StreamingResampler
-from edgestream.runtime.sinks import Sink
-from edgestream.runtime.sources import AudioSource
-from edgestream.runtime.stats import StreamStats
-from edgestream.runtime.wav import to_mono
+from edgestream.runtime.events.types import Event, Notice, Stats
+from edgestream.runtime.audio.resample import StreamingResampler
+from edgestream.runtime.events.sinks import Sink
+from edgestream.runtime.audio.sources import AudioSource
+from edgestream.runtime.events.stats import StreamStats
+from edgestream.runtime.audio.wav import to_mono
 
 log = logging.getLogger(__name__)
 

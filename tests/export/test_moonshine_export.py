@@ -65,7 +65,7 @@ def random_audio() -> np.ndarray:
 def speech() -> np.ndarray:
     from conftest import speech_dir
 
-    from edgestream.runtime.wav import read_wav, to_mono
+    from edgestream.runtime.audio.wav import read_wav, to_mono
 
     wav = read_wav(speech_dir() / SPEECH_CLIP)
     return to_mono(wav.samples)[: 12 * wav.sample_rate].astype(np.float32)

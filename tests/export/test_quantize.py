@@ -150,9 +150,9 @@ def test_tiny_bundle_int8(tiny_bundle: Path, tmp_path: Path) -> None:
 def test_real_tiny_en_int8(real_bundle: Path, tmp_path: Path) -> None:
     """Real weights: WER on the human clips stays within 3 %, int8 is faster, encoder error."""
     from edgestream.export.wer import word_error_rate
-    from edgestream.runtime.transcribe import transcribe_audio
-    from edgestream.runtime.wav import read_wav, to_mono
-    from edgestream.runtime.whisper import WhisperEngine
+    from edgestream.runtime.families.whisper.transcribe import transcribe_audio
+    from edgestream.runtime.audio.wav import read_wav, to_mono
+    from edgestream.runtime.families.whisper.engine import WhisperEngine
 
     folder, files = _quantized_copy(real_bundle, tmp_path / "int8")
     for name in files:

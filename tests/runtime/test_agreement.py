@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from edgestream.runtime.agreement import LocalAgreement, Segment, common_prefix
+from edgestream.runtime.families.whisper.agreement import LocalAgreement, Segment, common_prefix
 
 TB = 50000
 

@@ -37,14 +37,14 @@ import contextlib, io
 from pathlib import Path
 
 import edgestream.runtime.cli as cli
-import edgestream.runtime.commands, edgestream.runtime.bundle, edgestream.runtime.whisper
-import edgestream.runtime.whisper_stream, edgestream.runtime.mic, edgestream.runtime.loop
-import edgestream.runtime.sinks
+import edgestream.runtime.commands, edgestream.runtime.bundle, edgestream.runtime.families.whisper.engine
+import edgestream.runtime.families.whisper.policy, edgestream.runtime.audio.mic, edgestream.runtime.loop
+import edgestream.runtime.events.sinks
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.session import SessionConfig
-from edgestream.runtime.transcribe import transcribe_audio
-from edgestream.runtime.wav import read_wav, to_mono
-from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.families.whisper.transcribe import transcribe_audio
+from edgestream.runtime.audio.wav import read_wav, to_mono
+from edgestream.runtime.families.whisper.engine import WhisperEngine
 
 bundle_dir, clip, short = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 engine = WhisperEngine(Bundle.open(bundle_dir, SessionConfig("cpu")))

@@ -12,7 +12,7 @@ from conftest import speech_dir
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.vad import FRAME, EndpointConfig, Endpointer, EnergyVad, SileroVad, VadEvent
-from edgestream.runtime.wav import read_wav, to_mono
+from edgestream.runtime.audio.wav import read_wav, to_mono
 
 RATE = 16000
 

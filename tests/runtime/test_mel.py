@@ -1,4 +1,4 @@
-"""Tests for edgestream.runtime.mel against transformers' WhisperFeatureExtractor."""
+"""Tests for edgestream.runtime.families.whisper.mel against transformers' WhisperFeatureExtractor."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgestream.runtime.mel import WhisperLogMel, slaney_mel_filters
-from edgestream.runtime.wav import read_wav, to_mono
+from edgestream.runtime.families.whisper.mel import WhisperLogMel, slaney_mel_filters
+from edgestream.runtime.audio.wav import read_wav, to_mono
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed as the reference")
 from transformers import WhisperFeatureExtractor  # noqa: E402

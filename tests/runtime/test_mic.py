@@ -15,7 +15,7 @@ pyaudio = pytest.importorskip("pyaudio", reason="pyaudio is not installed (pip i
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_portaudio import FakeDevice, FakePortAudio, usb_and_default  # noqa: E402
 
-from edgestream.runtime import mic  # noqa: E402
+from edgestream.runtime.audio import mic  # noqa: E402
 from edgestream.runtime.errors import AudioDeviceError  # noqa: E402
 
 USB, DEFAULT = 1, 2

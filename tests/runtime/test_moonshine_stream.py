@@ -12,13 +12,13 @@ import pytest
 
 from conftest import speech_dir
 from edgestream.runtime.bundle import Bundle
-from edgestream.runtime.events import Event, Final, Partial
+from edgestream.runtime.events.types import Event, Final, Partial
 from edgestream.runtime.loop import LoopConfig, run_loop
-from edgestream.runtime.moonshine import StreamingEncDecEngine
-from edgestream.runtime.moonshine_stream import StreamingConfig, StreamingEncDecStreamer
-from edgestream.runtime.sources import FileSource
+from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
+from edgestream.runtime.families.moonshine.policy import StreamingConfig, StreamingEncDecStreamer
+from edgestream.runtime.audio.sources import FileSource
 from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad
-from edgestream.runtime.wav import read_wav, to_mono
+from edgestream.runtime.audio.wav import read_wav, to_mono
 
 NO_LOOP_GUARD = 10**6  # random weights loop a lot; compare raw greedy decoding
 

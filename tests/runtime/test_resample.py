@@ -1,4 +1,4 @@
-"""Tests for edgestream.runtime.resample.StreamingResampler."""
+"""Tests for edgestream.runtime.audio.resample.StreamingResampler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from edgestream.runtime.resample import StreamingResampler
+from edgestream.runtime.audio.resample import StreamingResampler
 
 
 def _tone(freq: float, rate: int, seconds: float) -> np.ndarray:

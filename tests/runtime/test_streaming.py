@@ -19,7 +19,7 @@ import pytest
 from conftest import HUMAN_CLIPS, references, speech_dir
 from edgestream.export.wer import normalize, word_error_rate
 from edgestream.runtime import cli
-from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.families.whisper.engine import WhisperEngine
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,7 @@ def clip_mic(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def mic_defaults() -> tuple[int, int]:
-    from edgestream.runtime.mic import MicSource
+    from edgestream.runtime.audio.mic import MicSource
 
     params = inspect.signature(MicSource).parameters
     return params["block_frames"].default, params["queue_blocks"].default

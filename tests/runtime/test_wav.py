@@ -1,4 +1,4 @@
-"""Tests for edgestream.runtime.wav: RIFF parsing, decoding and the error messages."""
+"""Tests for edgestream.runtime.audio.wav: RIFF parsing, decoding and the error messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgestream.runtime.errors import AudioInputError
-from edgestream.runtime.wav import WavAudio, pcm16_to_float, read_wav, to_mono
+from edgestream.runtime.audio.wav import WavAudio, pcm16_to_float, read_wav, to_mono
 
 from conftest import speech_dir  # the shared lookup: env, ../shared, /work/shared
 

@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator, Protocol
 
 import numpy as np
 
-from edgestream.runtime.wav import pcm16_to_float, read_wav
+from edgestream.runtime.audio.wav import pcm16_to_float, read_wav
 
 
 class AudioSource(Protocol):

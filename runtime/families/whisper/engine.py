@@ -11,8 +11,8 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.greedy import GreedyResult, greedy_decode
-from edgestream.runtime.mel import WhisperLogMel
+from edgestream.runtime.decode import GreedyResult, greedy_decode
+from edgestream.runtime.families.whisper.mel import WhisperLogMel
 from edgestream.runtime.state import StateStore
 
 _NEG = np.float32(-np.inf)

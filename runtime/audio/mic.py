@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AudioDeviceError
+from edgestream.runtime.errors import AudioDeviceError
 
 logger = logging.getLogger(__name__)
 

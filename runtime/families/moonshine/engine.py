@@ -14,10 +14,10 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.greedy import greedy_decode
+from edgestream.runtime.decode import greedy_decode
 from edgestream.runtime.session import GraphSession
 from edgestream.runtime.state import StateStore
-from edgestream.runtime.whisper import repeats_too_often
+from edgestream.runtime.families.whisper.engine import repeats_too_often
 
 MODEL_GRAPHS = {"encoder", "memory", "decoder", "decoder_block"}
 

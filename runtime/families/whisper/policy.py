@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgestream.runtime.agreement import LocalAgreement
-from edgestream.runtime.events import Event, Final, Partial, SpeechStarted
-from edgestream.runtime.stats import finalize_at_endpoint
+from edgestream.runtime.families.whisper.agreement import LocalAgreement
+from edgestream.runtime.events.types import Event, Final, Partial, SpeechStarted
+from edgestream.runtime.events.stats import finalize_at_endpoint
 from edgestream.runtime.vad import EndpointConfig, Endpointer
-from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.families.whisper.engine import WhisperEngine
 
 STEP_SAMPLES_PER_TIMESTAMP = 320  # Whisper timestamps are 20 ms apart
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgestream.runtime.whisper import WhisperEngine
+from edgestream.runtime.families.whisper.engine import WhisperEngine
 
 SEARCH_S = 8.0  # look for a pause within the last 8 s of each window
 FRAME_S = 0.1

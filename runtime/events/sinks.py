@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Protocol, TextIO
 
-from edgestream.runtime.events import ErrorEvent, Event, Final, Notice, Partial, Ready, Stats, to_json
+from edgestream.runtime.events.types import ErrorEvent, Event, Final, Notice, Partial, Ready, Stats, to_json
 
 
 class Sink(Protocol):

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgestream.runtime.events import Event, Final, Partial, SpeechStarted
-from edgestream.runtime.moonshine import StreamingEncDecEngine
-from edgestream.runtime.stats import finalize_at_endpoint
+from edgestream.runtime.events.types import Event, Final, Partial, SpeechStarted
+from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
+from edgestream.runtime.events.stats import finalize_at_endpoint
 from edgestream.runtime.vad import EndpointConfig, Endpointer
 
 

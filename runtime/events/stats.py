@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgestream.runtime.events import Event
+from edgestream.runtime.events.types import Event
 from edgestream.runtime.vad import VadEvent
 
 

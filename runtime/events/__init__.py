@@ -1,0 +1,1 @@
+"""Typed events, their JSON schema, the sinks that carry them and bounded stream statistics."""
