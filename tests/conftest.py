@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-_CANDIDATES = (os.environ.get("EDGESTREAM_SPEECH_DIR", ""),
-               str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"),
-               "/work/shared/data/speech")
-SPEECH = next((Path(c) for c in _CANDIDATES if c and (Path(c) / "refs.tsv").is_file()),
-              Path(_CANDIDATES[1]))
+SPEECH = Path(__file__).resolve().parent / "data" / "speech"  # in the repository: see SOURCES.md
 MOONSHINE_WINDOWS = [[16, 4], [16, 0], [16, 4]]
 HUMAN_CLIPS = ("beckett.wav", "arctic_a0007.wav", "arctic_a0009.wav", "two_cities.wav")
 
 
 def speech_dir() -> Path:
-    """The real speech clips; tests that need them skip with the reason when absent."""
+    """The real speech clips, tracked in tests/data/speech; a checkout without them is broken."""
     if not (SPEECH / "refs.tsv").is_file():
-        pytest.skip(f"real speech clips not found at {SPEECH} (see README: test data)")
+        pytest.fail(f"speech clips missing: {SPEECH / 'refs.tsv'} not found (they are tracked in "
+                    f"git under tests/data/speech)", pytrace=False)
     return SPEECH
 
 

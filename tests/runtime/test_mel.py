@@ -17,23 +17,22 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from transformers import WhisperFeatureExtractor  # noqa: E402
 from transformers.audio_utils import mel_filter_bank  # noqa: E402
 
-from conftest import SPEECH  # the shared lookup: env, ../shared, /work/shared
+from conftest import speech_dir  # tests/data/speech, in the repository
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 TOLERANCE = 1e-4
 
 
 def _clips() -> list[tuple[str, np.ndarray]]:
     """Real speech: every human clip whole, two_cities' first 30 s, and a 2.3 s cut."""
-    if not (SPEECH / "two_cities.wav").exists():
-        pytest.skip(f"speech clips not found under {SPEECH}")
+    speech = speech_dir()
     clips = []
-    for path in sorted(SPEECH.glob("*.wav")):
+    for path in sorted(speech.glob("*.wav")):
         audio = to_mono(read_wav(path).samples)
         clips.append((path.name, audio))
-    two_cities = to_mono(read_wav(SPEECH / "two_cities.wav").samples)
+    two_cities = to_mono(read_wav(speech / "two_cities.wav").samples)
     clips.append(("two_cities[:30s]", two_cities[: 30 * 16000]))
     clips.append(("two_cities[5s:7.3s]", two_cities[5 * 16000 : 5 * 16000 + 36800]))
-    clips.append(("es_03", to_mono(read_wav(SPEECH / "synthetic" / "es_03.wav").samples)))
+    clips.append(("es_03", to_mono(read_wav(speech / "synthetic" / "es_03.wav").samples)))
     return clips
 
 

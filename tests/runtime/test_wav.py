@@ -12,7 +12,7 @@ import pytest
 from edgestream.runtime.errors import AudioInputError
 from edgestream.runtime.audio.wav import WavAudio, pcm16_to_float, read_wav, to_mono
 
-from conftest import speech_dir  # the shared lookup: env, ../shared, /work/shared
+from conftest import speech_dir  # tests/data/speech, in the repository
 
 _GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 
@@ -178,10 +178,7 @@ def test_pcm16_to_float_whole_frames_only() -> None:
 
 
 def test_beckett_reads_as_16k_mono() -> None:
-    path = speech_dir() / "beckett.wav"
-    if not path.exists():
-        pytest.skip(f"speech clip {path} is not present")
-    audio = read_wav(path)
+    audio = read_wav(speech_dir() / "beckett.wav")
     assert audio.sample_rate == 16000 and audio.channels == 1
     assert abs(audio.duration_s - 10.0) < 0.2
     assert 0.01 < np.abs(audio.samples).max() < 1.0
