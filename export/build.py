@@ -63,8 +63,8 @@ class Recipe:
 
 
 def _whisper() -> Recipe:
-    from edgestream.export.whisper_parity import check_whisper_parity
-    from edgestream.export.whisper_recipe import export_whisper_graphs, load_whisper
+    from edgestream.export.whisper.parity import check_whisper_parity
+    from edgestream.export.whisper.recipe import export_whisper_graphs, load_whisper
 
     return Recipe(lambda src, o: load_whisper(src, o.revision, o.language),
                   lambda parts, out, o: export_whisper_graphs(parts, out),
@@ -72,8 +72,8 @@ def _whisper() -> Recipe:
 
 
 def _moonshine() -> Recipe:
-    from edgestream.export.moonshine_parity import check_moonshine_parity
-    from edgestream.export.moonshine_recipe import export_moonshine_graphs, load_moonshine
+    from edgestream.export.moonshine.parity import check_moonshine_parity
+    from edgestream.export.moonshine.recipe import export_moonshine_graphs, load_moonshine
 
     def graphs(parts: Any, out: Path, o: ExportOptions) -> dict:
         if o.chunk_ms % 20 or not 20 <= o.chunk_ms <= 320:

@@ -22,7 +22,7 @@ class ResolvedSource:
 
 
 def _ct2_model_type(folder: Path) -> str:
-    from edgestream.export.ct2_whisper import is_ct2_whisper_folder
+    from edgestream.export.whisper.ct2 import is_ct2_whisper_folder
 
     return "whisper" if is_ct2_whisper_folder(folder) else ""
 
@@ -30,7 +30,7 @@ def _ct2_model_type(folder: Path) -> str:
 def resolve(source: str, revision: str | None = None) -> ResolvedSource:
     """Work out what kind of source `source` is without loading any weights yet."""
     if source.startswith(BUILTIN_PREFIX):
-        from edgestream.export.ct2_whisper import builtin_folder
+        from edgestream.export.whisper.ct2 import builtin_folder
 
         name = source[len(BUILTIN_PREFIX):]
         return ResolvedSource(source, "builtin", builtin_folder(name), "whisper")

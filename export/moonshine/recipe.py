@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer, MoonshineStreamingForConditionalGeneration
 
 from edgestream.export.errors import ExportError
-from edgestream.export.moonshine_graphs import (
+from edgestream.export.moonshine.graphs import (
     WINDOW_SEMANTICS, MoonshineDecoderStep, MoonshineEncoderStep, MoonshineMemoryStep,
     attention_spans)
 from edgestream.export.onnx_export import export_graph, graph_entry

@@ -15,7 +15,7 @@ from transformers import WhisperForConditionalGeneration
 from edgestream.export.errors import ExportError
 from edgestream.export.onnx_export import export_graph, graph_entry
 from edgestream.export.sources import ResolvedSource
-from edgestream.export.whisper_graphs import WhisperDecoderStep, WhisperEncoderGraph
+from edgestream.export.whisper.graphs import WhisperDecoderStep, WhisperEncoderGraph
 from edgestream.runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
                  language: str = "en") -> WhisperParts:
     """Load a Whisper model and its tokenizer from a builtin, CTranslate2, local or hub source."""
     if src.kind in ("builtin", "ct2"):
-        from edgestream.export.ct2_whisper import load_ct2_whisper
+        from edgestream.export.whisper.ct2 import load_ct2_whisper
 
         model, info = load_ct2_whisper(src.path)
         tokenizer_json = Path(info.tokenizer_json).read_text()

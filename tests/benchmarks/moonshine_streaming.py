@@ -38,8 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-SPEECH = Path(os.environ.get("EDGESTREAM_SPEECH_DIR")
-              or Path(__file__).resolve().parents[2] / "shared" / "data" / "speech")
+SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"  # the repository's real clips
 RATE, TOKENS_PER_S, PARTIAL_MS, PARITY_S = 16000, 3.0, 200, 12
 NO_LOOP_GUARD = 10**6  # max_repeats: random weights repeat tokens; decode the full count anyway
 
@@ -298,7 +297,7 @@ def bench_size(size: str, args: argparse.Namespace, audio: np.ndarray, clip: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgestream.export.bench_moonshine",
+    ap = argparse.ArgumentParser(prog="tests/benchmarks/moonshine_streaming.py",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["tiny"])
     for flag, kind, default in (("--chunk-ms", int, 80), ("--seconds", float, 10.0),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgestream.export.ct2_whisper import (
+from edgestream.export.whisper.ct2 import (
     BUILTIN_MODELS,
     builtin_folder,
     is_ct2_whisper_folder,

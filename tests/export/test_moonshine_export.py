@@ -26,7 +26,7 @@ SPEECH_CLIP = "two_cities.wav"
 
 @pytest.fixture(scope="module")
 def parts(tiny_moonshine_dir: Path):
-    from edgestream.export.moonshine_recipe import load_moonshine
+    from edgestream.export.moonshine.recipe import load_moonshine
     from edgestream.export.sources import resolve
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
@@ -38,7 +38,7 @@ def parts(tiny_moonshine_dir: Path):
 @pytest.fixture(scope="module")
 def bundles(parts, tmp_path_factory: pytest.TempPathFactory):
     """Exports on first use, one per (chunk_frames, window_semantics)."""
-    from edgestream.export.moonshine_recipe import export_moonshine_graphs
+    from edgestream.export.moonshine.recipe import export_moonshine_graphs
 
     made: dict[tuple[int, str], Path] = {}
 
@@ -140,7 +140,7 @@ def test_bundle_contract(bundles) -> None:
 
 @pytest.mark.parametrize("chunk_frames", [1, 4, 16])
 def test_parity_random_audio(bundles, parts, random_audio, chunk_frames: int) -> None:
-    from edgestream.export.moonshine_parity import check_moonshine_parity
+    from edgestream.export.moonshine.parity import check_moonshine_parity
 
     report = check_moonshine_parity(parts.model, bundles(chunk_frames), [random_audio],
                                     chunk_frames)
@@ -150,7 +150,7 @@ def test_parity_random_audio(bundles, parts, random_audio, chunk_frames: int) ->
 @pytest.mark.parametrize("chunk_frames", [1, 4, 16])
 def test_parity_real_speech(bundles, parts, speech, chunk_frames: int) -> None:
     """12 s of a LibriVox reading, chunk by chunk and flushed."""
-    from edgestream.export.moonshine_parity import check_moonshine_parity
+    from edgestream.export.moonshine.parity import check_moonshine_parity
 
     report = check_moonshine_parity(parts.model, bundles(chunk_frames), [speech], chunk_frames)
     _assert_parity(report, 1)
@@ -161,7 +161,7 @@ def test_inclusive_windows(bundles, parts, random_audio,
                            monkeypatch: pytest.MonkeyPatch) -> None:
     """"inclusive" reads (16, 4) as 16 past + 4 future: it matches transformers' forward under
     that mask, and not under transformers' own."""
-    from edgestream.export import moonshine_parity
+    from edgestream.export.moonshine import parity as moonshine_parity
 
     root = bundles(4, "inclusive")
     m = load_manifest(root)
@@ -184,7 +184,7 @@ def test_inclusive_windows(bundles, parts, random_audio,
     ({"max_memory_frames": 1025}, "max_memory_frames"), ({"max_tokens": 1}, "max_tokens"),
     ({"block_tokens": 1}, "block_tokens"), ({"block_tokens": -4}, "block_tokens")])
 def test_bad_options_are_refused(parts, tmp_path: Path, kwargs: dict, field: str) -> None:
-    from edgestream.export.moonshine_recipe import export_moonshine_graphs
+    from edgestream.export.moonshine.recipe import export_moonshine_graphs
 
     args = {"chunk_frames": 4, "window_semantics": "transformers", "max_memory_frames": 64,
             "max_tokens": 16, **kwargs}
@@ -196,7 +196,7 @@ def test_bad_options_are_refused(parts, tmp_path: Path, kwargs: dict, field: str
 def test_block_size_option(parts, tmp_path: Path) -> None:
     """block_tokens 0 leaves decoder_block out (no shared states); a block longer than the cache
     is cut to max_tokens."""
-    from edgestream.export.moonshine_recipe import export_moonshine_graphs
+    from edgestream.export.moonshine.recipe import export_moonshine_graphs
 
     (tmp_path / "none").mkdir()
     data = export_moonshine_graphs(parts, tmp_path / "none", 4, "transformers", 64, 16,

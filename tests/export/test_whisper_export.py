@@ -105,7 +105,7 @@ def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
 
 def test_failed_parity_fails_the_export(tiny_whisper_dir: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgestream.export import whisper_graphs
+    from edgestream.export.whisper import graphs as whisper_graphs
 
     original = whisper_graphs.WhisperDecoderStep.forward
 

@@ -1,0 +1,1 @@
+"""Moonshine Streaming export: loading, graphs, recipe and parity."""

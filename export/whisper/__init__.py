@@ -1,0 +1,1 @@
+"""Whisper export: loading (HF or CTranslate2), graphs, recipe and parity."""
