@@ -1,10 +1,14 @@
-"""Greedy decoding over a one-token step graph and an optional K-token block graph.
+"""Greedy (or seeded sampled) decoding over a one-token step graph and an optional K-token block.
 
-The block graph teacher-forces a known prefix (prompt, committed tokens) in ceil(n/K) passes and
-re-scores a `hint` (the previous hypothesis of the same line) in the same passes: hint tokens are
-kept while each equals the greedy choice at its position, and single steps continue from the first
-disagreement. The result is exactly the plain greedy sequence; only the work differs (one block
-pass costs about two steps, DESIGN.md section 8).
+The block graph teacher-forces a known prefix (prompt, context, committed tokens) in ceil(n/K)
+passes and re-scores a `hint` (the previous hypothesis of the same line) in the same passes: hint
+tokens are kept while each equals the choice at its position, and single steps continue from the
+first disagreement. The result is exactly the plain step-by-step sequence; only the work differs
+(one block pass costs about two steps, DESIGN.md section 8).
+
+Every chosen token carries its log-probability (after the family's suppression rules), so callers
+can judge a decode the way the best Whisper runtimes do: average log-probability, compression
+ratio, the probability of "no speech" at a probe position.
 """
 
 from __future__ import annotations
@@ -25,41 +29,81 @@ class DecoderGraphs(Protocol):
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray: ...
 
 
-# choose(logits, generated so far) -> token id (the caller applies its suppression rules)
-Chooser = Callable[[np.ndarray, list[int]], int]
+# choose(logits, generated so far) -> (token id, its log-probability); the engine applies its
+# suppression rules and, for fallback decodes, samples at a temperature
+Chooser = Callable[[np.ndarray, list[int]], "tuple[int, float]"]
+# stop(generated) -> True when the loop guard wants this decode to end here
+Stopper = Callable[[list[int]], bool]
 
 
 @dataclass(frozen=True)
 class GreedyResult:
     tokens: tuple[int, ...]
     ended: bool  # the end token was chosen (not a limit or the loop guard)
-    logits: tuple[np.ndarray, ...] = ()
+    logprobs: tuple[float, ...] = ()  # of every choice, the end token's included
+    probe: np.ndarray | None = None  # logits at the probe position, when one was asked for
+    looped: bool = False  # the loop guard ended this decode
+    logits: tuple[np.ndarray, ...] = ()  # every choice's logits, when kept (parity checks)
+
+    @property
+    def avg_logprob(self) -> float:
+        return float(np.mean(self.logprobs)) if self.logprobs else 0.0
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def pick(scores: np.ndarray, temperature: float, rng: np.random.Generator | None
+         ) -> tuple[int, float]:
+    """Argmax (temperature 0) or a seeded sample; returns the token and its log-probability."""
+    logp = log_softmax(scores.astype(np.float64))
+    if temperature <= 0.0 or rng is None:
+        token = int(np.argmax(scores))
+    else:
+        p = np.exp(log_softmax(scores.astype(np.float64) / temperature))
+        token = int(rng.choice(p.size, p=p / p.sum()))
+    return token, float(logp[token])
 
 
 def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser, eos: int,
-                  limit: int, stop: Callable[[list[int]], bool], hint: Sequence[int] = (),
-                  keep_logits: bool = False) -> GreedyResult:
-    """Greedy tokens after `prefix` (fed, not chosen), the whole sequence at most `limit` long;
-    `stop(generated)` is the loop guard."""
+                  limit: int, stop: Stopper, hint: Sequence[int] = (),
+                  probe: int | None = None, keep_logits: bool = False) -> GreedyResult:
+    """Tokens after `prefix` (fed, not chosen), the whole sequence at most `limit` long.
+    `stop(generated)` is the loop guard; `probe`: keep the logits at that prefix position."""
     prefix = list(prefix)
     generated: list[int] = []
+    logprobs: list[float] = []
+    probed: list[np.ndarray] = []
     kept: list[np.ndarray] = []
 
+    def result(status: str) -> GreedyResult:
+        return GreedyResult(tuple(generated), status == "eos", tuple(logprobs),
+                            probed[0] if probed else None, status == "loop", tuple(kept))
+
     def take(logits: np.ndarray) -> str:
-        """Choose the next token: 'eos', 'limit' (length or loop guard) or 'more'."""
+        """Choose the next token: 'eos', 'limit', 'loop' or 'more'."""
         if keep_logits:
             kept.append(logits)
-        token = choose(logits, generated)
+        token, logp = choose(logits, generated)
+        logprobs.append(logp)
         if token == eos:
             return "eos"
         generated.append(token)
-        return "limit" if len(prefix) + len(generated) >= limit or stop(generated) else "more"
+        if stop(generated):
+            return "loop"
+        return "limit" if len(prefix) + len(generated) >= limit else "more"
+
+    def look(pos: int, logits: np.ndarray) -> None:
+        if pos == probe:
+            probed.append(logits.copy())
 
     def steps() -> GreedyResult:
         while True:
             status = take(graphs.step(generated[-1], len(prefix) + len(generated) - 1))
             if status != "more":
-                return GreedyResult(tuple(generated), status == "eos", tuple(kept))
+                return result(status)
 
     k = graphs.block_size
     # without a block graph a hint cannot be checked cheaply: plain greedy from the prefix
@@ -70,18 +114,21 @@ def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser,
             logits = graphs.block(chunk + [eos] * (k - len(chunk)), fed)
             for j in range(len(chunk)):
                 pos = fed + j
+                look(pos, logits[j])
                 if pos < len(prefix) - 1:
                     continue  # inside the prefix: nothing to choose yet
                 status = take(logits[j])
                 if status != "more":
-                    return GreedyResult(tuple(generated), status == "eos", tuple(kept))
+                    return result(status)
                 if pos + 1 >= len(seq) or generated[-1] != seq[pos + 1]:
                     # the hint ends or disagrees here; rows written past this point are masked
                     # (they lie at or after the next position) and get overwritten by steps
                     return steps()
     for pos, token in enumerate(seq[:-1]):
-        graphs.step(token, pos)
-    status = take(graphs.step(seq[-1], len(seq) - 1))
+        look(pos, graphs.step(token, pos))
+    last = graphs.step(seq[-1], len(seq) - 1)
+    look(len(seq) - 1, last)
+    status = take(last)
     if status != "more":
-        return GreedyResult(tuple(generated), status == "eos", tuple(kept))
+        return result(status)
     return steps()

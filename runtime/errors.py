@@ -25,3 +25,7 @@ class AudioDeviceError(EdgestreamError):
 
 class ProviderError(EdgestreamError):
     """An onnxruntime execution provider was asked for but is not available here."""
+
+
+class OptionError(EdgestreamError):
+    """A stream or load option that is unknown, out of range, or not for this bundle's family."""

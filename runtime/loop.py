@@ -1,114 +1,107 @@
-"""The device loop: source blocks -> mono -> model rate -> exact chunks -> driver -> sinks.
+"""The device loop: source blocks -> stream -> sinks, for a service life.
 
-The loop never blocks the capture callback (the mic source only queues raw bytes); when compute
-falls behind, queued audio is simply fed in larger pieces and the driver decodes once for all of
-it, so latency cannot grow without bound.
+- Live sources (a microphone, a file paced like one) hold a bounded backlog that drops its
+  oldest audio; each hole becomes a `gap` (the stream finalizes the line before it), and lag is
+  measured against the wall clock, dropped audio included. While the backlog is large the stream
+  makes no partials (finals stay exact), so a model slower than real time still captions.
+- Sinks never block the loop (`SinkSet`: a bounded queue per run, written by its own thread); a
+  closed pipe ends the run cleanly.
+- A stop request (SIGTERM, the first Ctrl-C) ends capture; the open line is finalized and the
+  sinks are flushed. An exception in a step becomes a fatal `error` event.
+- Statistics live in fixed-size histograms: weeks of audio do not grow memory.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
-import numpy as np
-
-from edgestream.runtime.events.types import Event, Notice, Stats
-from edgestream.runtime.audio.resample import StreamingResampler
-from edgestream.runtime.events.sinks import Sink
+from edgestream.runtime.api import Stream
 from edgestream.runtime.audio.sources import AudioSource
-from edgestream.runtime.events.stats import StreamStats
-from edgestream.runtime.audio.wav import to_mono
+from edgestream.runtime.events.sinks import SinkSet
+from edgestream.runtime.events.types import ErrorEvent, Notice
 
 log = logging.getLogger(__name__)
 
-LAG_WARN_S = 2.0
-
-
-class Driver(Protocol):
-    final_latencies_ms: list[float]  # end of speech -> final, ms (waiting + compute)
-    final_compute_ms: list[float]  # compute spent producing each endpoint final
-
-    def feed(self, audio: np.ndarray) -> list[Event]: ...
-
-    def finish(self) -> list[Event]: ...
+BEHIND_S = 1.0  # live lag above which partials pause
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    sample_rate: int
-    chunk_samples: int
     stats_every_s: float = 0.0
+    live: bool = False  # the source is paced by a clock: measure lag against it
 
 
-class Chunker:
-    """Cuts a stream of arbitrary blocks into exact `size`-sample chunks."""
+class StopFlag:
+    """Set from a signal handler; the loop and the source check it between blocks."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._pending = np.zeros(0, dtype=np.float32)
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = "shutdown"
 
-    def push(self, audio: np.ndarray) -> list[np.ndarray]:
-        buf = np.concatenate([self._pending, audio]) if self._pending.size else audio
-        n = buf.size // self.size
-        chunks = [buf[i * self.size: (i + 1) * self.size] for i in range(n)]
-        self._pending = buf[n * self.size:]
-        return chunks
+    def set(self, reason: str = "shutdown") -> None:
+        self.reason = reason
+        self._event.set()
 
-    def rest(self) -> np.ndarray:
-        rest, self._pending = self._pending, np.zeros(0, dtype=np.float32)
-        return rest
+    def __bool__(self) -> bool:
+        return self._event.is_set()
 
 
-def run_loop(source: AudioSource, driver: Driver, sinks: Sequence[Sink],
-             config: LoopConfig) -> dict:
-    """Stream `source` through `driver` until the source ends; returns the final stats."""
-    stats = StreamStats(config.sample_rate)
-    resampler = StreamingResampler(source.sample_rate, config.sample_rate)
-    chunker = Chunker(config.chunk_samples)
-    next_stats = config.stats_every_s or float("inf")
+class Stoppable(Protocol):
+    def request_stop(self) -> None: ...
 
-    def emit(events: list[Event]) -> None:
-        for event in events:
-            for sink in sinks:
-                sink.emit(event)
 
-    def step(chunk: np.ndarray) -> None:
-        started = time.perf_counter()
-        events = driver.feed(chunk)
-        stats.record(chunk.size, (time.perf_counter() - started) * 1000.0)
-        emit(events)
-
+def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopConfig,
+             stop: StopFlag | None = None) -> int:
+    """Stream `source` until it ends, stops or fails; returns the exit code (0 ok, 1 fault)."""
+    stop = stop or StopFlag()
+    rate = source.sample_rate
     started = time.monotonic()
+    fed = 0  # source frames fed or lost
     max_lag = 0.0
-    behind = False
-    for block in source:
-        for chunk in chunker.push(resampler.process(to_mono(block))):
-            step(chunk)
-        t = stats.audio_samples / config.sample_rate
-        # for live input, wall time minus audio time is how far captions trail the speaker
-        lag = time.monotonic() - started - t
-        max_lag = max(max_lag, lag)
-        if lag > LAG_WARN_S and not behind:
-            emit([Notice(t, "behind", f"captions trail the audio by {lag:.1f} s; the driver "
-                         "decodes less often until it catches up")])
-        behind = lag > LAG_WARN_S
-        if t >= next_stats:
-            emit([Stats(t, {**stats.summary(driver.final_latencies_ms, source.counters(),
-                                           driver.final_compute_ms),
-                            "max_lag_s": round(max_lag, 3)})])
-            next_stats += config.stats_every_s
-    if getattr(source, "lost", False):
-        emit([Notice(stats.audio_samples / config.sample_rate, "mic_lost",
-                     "the capture device stopped delivering audio (unplugged or failed); the "
-                     "pending line is finalized and the run ends with exit code 3")])
-    tail = np.concatenate([chunker.rest(), resampler.flush()])
-    if tail.size:
-        step(tail)
-    emit(driver.finish())
-    summary = {**stats.summary(driver.final_latencies_ms, source.counters(),
-                                           driver.final_compute_ms),
-               "max_lag_s": round(max_lag, 3)}
-    emit([Stats(stats.audio_samples / config.sample_rate, summary)])
-    return summary
+    next_stats = config.stats_every_s or float("inf")
+    code = 0
+    try:
+        for block in source:
+            gap = source.take_gap()
+            if gap:
+                fed += gap
+                sinks.emit(stream.gap(gap / rate))
+            sinks.emit(stream.feed(block, rate))
+            fed += block.shape[0]
+            if config.live:
+                lag = time.monotonic() - started - fed / rate
+                max_lag = max(max_lag, lag)
+                if (lag > BEHIND_S) != stream.behind:
+                    stream.behind = lag > BEHIND_S
+                    sinks.emit([Notice(stream.gate.now, "behind" if stream.behind else
+                                       "caught_up", f"captions trail the audio by {lag:.1f} s"
+                                       if stream.behind else "captions are live again")])
+            if stream.gate.now >= next_stats:
+                sinks.emit([stream.stats_event(**_source_stats(source), max_lag_s=round(
+                    max_lag, 3))])
+                next_stats += config.stats_every_s
+            if stop or sinks.closed:
+                break
+        if getattr(source, "lost", False):
+            sinks.emit([Notice(stream.gate.now, "mic_lost", "the capture device stopped "
+                               "delivering audio (unplugged or failed); the pending line is "
+                               "finalized and the run ends with exit code 3")])
+        sinks.emit(stream.finish(stop.reason if stop else "end_of_input"))
+    except Exception as e:  # a fault in a step: say so on the event stream, then exit non-zero
+        log.exception("stream step failed")
+        sinks.emit([ErrorEvent(stream.gate.now, f"{type(e).__name__}: {e}", fatal=True)])
+        code = 1
+    finally:
+        source.close()
+    sinks.emit([stream.stats_event(**_source_stats(source), max_lag_s=round(max_lag, 3))])
+    return code
+
+
+def _source_stats(source: AudioSource) -> dict[str, int]:
+    c = source.counters()
+    return {"mic_overruns": int(c.get("input_overflows", 0)),
+            "dropped_blocks": int(c.get("dropped_blocks", 0))}

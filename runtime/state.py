@@ -47,6 +47,16 @@ class StateStore:
                 part[s.axis] = slice(0, rows)
                 buf[tuple(index)] = out[tuple(part)]
 
+    def snapshot(self, graphs: set[str]) -> dict[str, np.ndarray]:
+        """Copies of the `replace` states read by `graphs`: what a rollback must restore (append
+        buffers need none: rows past a restored length are masked and written again)."""
+        return {name: self.buffers[name].copy() for name, s in self.pairs.items()
+                if s.update == "replace" and any(s.reads(g) for g in graphs)}
+
+    def restore(self, snapshot: dict[str, np.ndarray]) -> None:
+        for name, value in snapshot.items():
+            self.buffers[name] = value.copy()
+
     def reset(self, graphs: set[str] | None = None) -> None:
         """Back to the initial values: every buffer, or those read by any of `graphs`."""
         for name, s in self.pairs.items():

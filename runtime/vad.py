@@ -123,6 +123,18 @@ class Endpointer:
         self._pending = buf[n * FRAME:].copy()
         return events
 
+    @property
+    def speech_now(self) -> bool:
+        """The last frame was speech."""
+        return self._speech_run > 0
+
+    def skip(self, samples: int) -> None:
+        """`samples` of input are missing (a gap): start over after them."""
+        self.reset()
+        self.position += samples + self._pending.size  # the partial frame is dropped too
+        self._pending = np.zeros(0, dtype=np.float32)
+        self.last_speech_end = self.position
+
     def reset(self) -> None:
         self.vad.reset()
         self._speech_run = self._silence_run = 0

@@ -136,8 +136,9 @@ class MicSource:
     """Real-time blocks from a capture device as float32 ``[frames, channels]`` arrays.
 
     ``sample_rate`` is the requested rate when the device supports it, else the device's default
-    rate (the runtime resamples). Blocks the consumer does not fetch in time are dropped once
-    ``queue_blocks`` are waiting (the newest is dropped) and counted in ``dropped_blocks``.
+    rate (the runtime resamples). The queue is the live backlog: once ``queue_blocks`` are
+    waiting, the *oldest* block is dropped for the newest (fresh audio matters more than stale
+    audio), counted in ``dropped_blocks``, and the hole is reported by :meth:`take_gap`.
     """
 
     def __init__(self, device: InputDevice, sample_rate: int | None = None, channels: int = 1,
@@ -154,7 +155,12 @@ class MicSource:
         self._pyaudio = _import_pyaudio()
         self._continue: int = self._pyaudio.paContinue
         self._overflow_flag: int = self._pyaudio.paInputOverflow
-        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=queue_blocks)
+        # (index of the block's first frame, raw bytes)
+        self._queue: queue.Queue[tuple[int, bytes]] = queue.Queue(maxsize=queue_blocks)
+        self._captured_frames = 0  # frames the device delivered (callback thread only)
+        self._next_frame = 0  # frame the consumer expects next
+        self._gap_frames = 0
+        self._stop = False
         self._stream: Any = None
         self._closed = False
         self._lost = False
@@ -201,10 +207,20 @@ class MicSource:
         if status_flags & self._overflow_flag:
             self._input_overflows += 1
         self._blocks += 1
+        item = (self._captured_frames, in_data or b"")
+        self._captured_frames += frame_count
         try:
-            self._queue.put_nowait(in_data)  # type: ignore[arg-type]
+            self._queue.put_nowait(item)
         except queue.Full:
+            try:  # drop the oldest block; the consumer sees the hole in the frame indices
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
             self._dropped_blocks += 1
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:  # the consumer raced us; this block is lost instead
+                pass
         return None, self._continue
 
     def start(self) -> None:
@@ -261,22 +277,33 @@ class MicSource:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                raw = self._queue.get(timeout=max(0.0, min(_POLL_S, remaining)))
+                first, raw = self._queue.get(timeout=max(0.0, min(_POLL_S, remaining)))
             except queue.Empty:
-                if self._closed or self.lost or remaining <= 0:
+                if self._closed or self._stop or self.lost or remaining <= 0:
                     return None
                 continue
+            self._gap_frames += max(0, first - self._next_frame)
+            self._next_frame = first + len(raw) // (2 * self.channels)
             samples = np.frombuffer(raw, dtype="<i2").reshape(-1, self.channels)
             return samples.astype(np.float32) * np.float32(1.0 / 32768.0)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        """Blocks until the source is closed or the device is lost."""
-        while not self._closed:
+        """Blocks until the source is closed or stopped, or the device is lost."""
+        while not self._closed and not self._stop:
             block = self.read(timeout=0.5)
             if block is not None:
                 yield block
-            elif self._closed or self.lost:
+            elif self._closed or self._stop or self.lost:
                 return
+
+    def take_gap(self) -> int:
+        """Frames dropped from the backlog just before the block last read (0: contiguous)."""
+        gap, self._gap_frames = self._gap_frames, 0
+        return gap
+
+    def request_stop(self) -> None:
+        """End the iteration within one poll; safe from a signal handler (no PortAudio call)."""
+        self._stop = True
 
     def counters(self) -> dict[str, int]:
         """``blocks`` delivered by the device, ``dropped_blocks`` of those that found the queue

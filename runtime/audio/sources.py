@@ -14,11 +14,20 @@ import numpy as np
 from edgestream.runtime.audio.wav import pcm16_to_float, read_wav
 
 
+DEFAULT_BACKLOG_S = 4.0  # live sources keep at most this much unread audio (oldest dropped)
+
+
 class AudioSource(Protocol):
     sample_rate: int
     channels: int
 
     def __iter__(self) -> Iterator[np.ndarray]: ...
+
+    def take_gap(self) -> int:
+        """Frames lost just before the block last yielded (0: contiguous)."""
+
+    def request_stop(self) -> None:
+        """End the iteration soon (safe from a signal handler)."""
 
     def counters(self) -> dict[str, int]: ...
 
@@ -26,32 +35,56 @@ class AudioSource(Protocol):
 
 
 class FileSource:
-    """A WAV file read whole (errors surface before streaming), delivered in blocks; with
-    `realtime` each block is released when its audio would have arrived from a microphone."""
+    """A WAV file read whole (errors surface before streaming), delivered in blocks.
 
-    def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1024) -> None:
+    With `realtime` it behaves like a microphone: each block arrives when its audio would have
+    been captured, and a reader that falls more than `backlog_s` behind loses the oldest audio
+    (reported through `take_gap`), exactly as a capture queue of that size would."""
+
+    def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1024,
+                 backlog_s: float = DEFAULT_BACKLOG_S) -> None:
         self.audio = read_wav(path)
         self.sample_rate = self.audio.sample_rate
         self.channels = self.audio.samples.shape[1]
         self.realtime = realtime
         self.block_frames = block_frames
+        self.backlog = int(backlog_s * self.sample_rate)
         self._blocks = 0
+        self._dropped = 0
+        self._gap = 0
+        self._stop = False
 
     def __iter__(self) -> Iterator[np.ndarray]:
         start = time.monotonic()
         samples = self.audio.samples
-        for i in range(0, samples.shape[0], self.block_frames):
-            block = samples[i: i + self.block_frames]
+        i = 0
+        while i < samples.shape[0] and not self._stop:
             if self.realtime:
-                due = start + (i + block.shape[0]) / self.sample_rate
+                arrived = int((time.monotonic() - start) * self.sample_rate)
+                if arrived - i > self.backlog + self.block_frames:
+                    # the capture queue would be full: its oldest blocks are gone
+                    lost = (arrived - self.backlog - i) // self.block_frames * self.block_frames
+                    self._gap += lost
+                    self._dropped += lost // self.block_frames
+                    i += lost
+                due = start + (i + self.block_frames) / self.sample_rate
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+            block = samples[i: i + self.block_frames]
+            i += block.shape[0]
             self._blocks += 1
             yield block
 
+    def take_gap(self) -> int:
+        gap, self._gap = self._gap, 0
+        return gap
+
+    def request_stop(self) -> None:
+        self._stop = True
+
     def counters(self) -> dict[str, int]:
-        return {"blocks": self._blocks, "dropped_blocks": 0, "input_overflows": 0}
+        return {"blocks": self._blocks, "dropped_blocks": self._dropped, "input_overflows": 0}
 
     def close(self) -> None:
         pass
@@ -67,10 +100,11 @@ class PcmStdinSource:
         self.stream = stream or sys.stdin.buffer
         self.block_bytes = block_frames * 2 * channels
         self._blocks = 0
+        self._stop = False
 
     def __iter__(self) -> Iterator[np.ndarray]:
         pending = b""
-        while True:
+        while not self._stop:
             data = self.stream.read1(self.block_bytes) if hasattr(self.stream, "read1") \
                 else self.stream.read(self.block_bytes)
             if not data:
@@ -81,6 +115,12 @@ class PcmStdinSource:
                 self._blocks += 1
                 yield pcm16_to_float(pending[:whole], self.channels)
                 pending = pending[whole:]
+
+    def take_gap(self) -> int:
+        return 0  # a pipe blocks its writer instead of losing data
+
+    def request_stop(self) -> None:
+        self._stop = True
 
     def counters(self) -> dict[str, int]:
         return {"blocks": self._blocks, "dropped_blocks": 0, "input_overflows": 0}

@@ -1,63 +1,85 @@
-"""Streaming statistics: per-chunk compute latency percentiles, real-time factor, final latency."""
+"""Streaming statistics in bounded memory: a stream that runs for weeks does not grow.
+
+Latencies go into fixed log-spaced histograms (percentiles read from the bucket bounds, exact to
+about 5 %), counters are plain integers.
+"""
 
 from __future__ import annotations
 
-import time
-from typing import Callable
+import math
+from typing import Any
 
 import numpy as np
 
-from edgestream.runtime.events.types import Event
-from edgestream.runtime.vad import VadEvent
 
+class Histogram:
+    """Counts of values (ms) in log-spaced buckets from 0.01 ms to about 3 h, plus min/max/sum."""
 
-def finalize_at_endpoint(finalize: Callable[..., list[Event]], vad: VadEvent, rate: int,
-                         latencies_ms: list[float], compute_ms: list[float]) -> list[Event]:
-    """Finalize a line at a VAD endpoint, cutting in the middle of the pause (audio after it may
-    hold the next utterance), and record end of speech -> final: the trailing silence waited
-    plus the compute spent."""
-    started = time.perf_counter()
-    events = finalize("endpoint", upto=(vad.sample + vad.decided) // 2, t=vad.decided / rate)
-    compute = (time.perf_counter() - started) * 1000.0
-    compute_ms.append(compute)
-    latencies_ms.append((vad.decided - vad.sample) * 1000.0 / rate + compute)
-    return events
+    RATIO = 1.1  # bucket width: percentiles are within 10 % (reported at the bucket's middle)
+    LOW = 0.01
+
+    def __init__(self) -> None:
+        n = int(math.log(1e7 / self.LOW) / math.log(self.RATIO)) + 2
+        self.counts = np.zeros(n, dtype=np.int64)
+        self.total = 0.0
+        self.n = 0
+        self.max = 0.0
+
+    def add(self, value: float) -> None:
+        v = max(value, self.LOW)
+        i = min(self.counts.size - 1, int(math.log(v / self.LOW) / math.log(self.RATIO)) + 1)
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+        self.max = max(self.max, value)
+
+    def percentile(self, q: float) -> float:
+        if not self.n:
+            return 0.0
+        rank = q / 100.0 * (self.n - 1)
+        i = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
+        mid = self.LOW * self.RATIO ** (i - 0.5) if i else self.LOW
+        return min(mid, self.max)
 
 
 class StreamStats:
-    """Accumulates what one stream cost; `summary()` is the stats event's payload."""
+    """What one stream cost; `summary()` is the stats event's payload."""
 
     def __init__(self, sample_rate: int) -> None:
         self.rate = sample_rate
         self.chunks = 0
         self.audio_samples = 0
-        self.step_ms: list[float] = []
+        self.compute_ms = 0.0
+        self.step_ms = Histogram()
+        self.eos_to_final_ms = Histogram()  # end of speech -> final (silence waited + compute)
+        self.final_compute_ms = Histogram()  # compute after the endpoint decision
 
     def record(self, samples: int, compute_ms: float) -> None:
         self.chunks += 1
         self.audio_samples += samples
-        self.step_ms.append(compute_ms)
+        self.compute_ms += compute_ms
+        self.step_ms.add(compute_ms)
 
-    def summary(self, final_latencies_ms: list[float], counters: dict[str, int],
-                final_compute_ms: list[float] | None = None) -> dict:
+    def record_final(self, latency_ms: float, compute_ms: float) -> None:
+        self.eos_to_final_ms.add(latency_ms)
+        self.final_compute_ms.add(compute_ms)
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
         audio_s = self.audio_samples / self.rate
-        steps = np.array(self.step_ms) if self.step_ms else np.zeros(1)
-        out = {
+        out: dict[str, Any] = {
             "chunks": self.chunks,
             "audio_s": round(audio_s, 3),
-            "compute_s": round(float(steps.sum()) / 1000.0, 3),
-            "rtf": round(float(steps.sum()) / 1000.0 / audio_s, 4) if audio_s else 0.0,
-            "step_ms_p50": round(float(np.percentile(steps, 50)), 2),
-            "step_ms_p95": round(float(np.percentile(steps, 95)), 2),
-            "step_ms_p99": round(float(np.percentile(steps, 99)), 2),
-            "step_ms_max": round(float(steps.max()), 2),
-            "mic_overruns": int(counters.get("input_overflows", 0)),
-            "dropped_blocks": int(counters.get("dropped_blocks", 0)),
+            "compute_s": round(self.compute_ms / 1000.0, 3),
+            "rtf": round(self.compute_ms / 1000.0 / audio_s, 4) if audio_s else 0.0,
+            "step_ms_p50": round(self.step_ms.percentile(50), 2),
+            "step_ms_p95": round(self.step_ms.percentile(95), 2),
+            "step_ms_p99": round(self.step_ms.percentile(99), 2),
+            "step_ms_max": round(self.step_ms.max, 2),
         }
-        if final_latencies_ms:
-            out["eos_to_final_ms_p50"] = round(float(np.percentile(final_latencies_ms, 50)), 1)
-            out["eos_to_final_ms_max"] = round(float(max(final_latencies_ms)), 1)
-        if final_compute_ms:
-            out["final_compute_ms_p50"] = round(float(np.percentile(final_compute_ms, 50)), 1)
-            out["final_compute_ms_max"] = round(float(max(final_compute_ms)), 1)
+        if self.eos_to_final_ms.n:
+            out["eos_to_final_ms_p50"] = round(self.eos_to_final_ms.percentile(50), 1)
+            out["eos_to_final_ms_max"] = round(self.eos_to_final_ms.max, 1)
+            out["final_compute_ms_p50"] = round(self.final_compute_ms.percentile(50), 1)
+            out["final_compute_ms_max"] = round(self.final_compute_ms.max, 1)
+        out.update(extra)
         return out

@@ -48,7 +48,9 @@ class Partial:
 
 @dataclass(frozen=True)
 class Final:
-    """A finished line. `reason`: endpoint, segment, window or end_of_input."""
+    """A finished line; every line ends with exactly one. `reason`: endpoint, segment (Whisper
+    closed it mid-speech), window (the model's window or memory was full), gap (input was lost
+    after it), end_of_input, shutdown, or retracted (words were shown, the final has none)."""
 
     line: int
     t: float
@@ -75,6 +77,16 @@ class ErrorEvent:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """`duration` seconds of input were lost (the backlog dropped its oldest audio, or the
+    device delivered nothing); `t` is where the hole begins. No line spans it."""
+
+    t: float
+    duration: float
+    type: str = "gap"
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something the operator should know that is not an error: mic lost/restored, falling behind."""
 
@@ -84,14 +96,14 @@ class Notice:
     type: str = "notice"
 
 
-Event = Union[Ready, SpeechStarted, Partial, Final, Stats, ErrorEvent, Notice]
+Event = Union[Ready, SpeechStarted, Partial, Final, Stats, ErrorEvent, Notice, Gap]
 
 
 def to_json(event: Event) -> str:
     data = asdict(event)
     if isinstance(event, Stats):
         data = {"type": "stats", "t": event.t, **event.values}
-    for key in ("t", "start", "end"):
+    for key in ("t", "start", "end", "duration"):
         if key in data:
             data[key] = round(data[key], 3)
     return json.dumps(data, ensure_ascii=False)

@@ -158,17 +158,22 @@ def test_blocks_arrive_at_real_cadence_with_right_values(fake: FakePortAudio) ->
     assert source.counters()["blocks"] >= 10
 
 
-def test_slow_consumer_drops_blocks_and_callback_stays_fast(fake: FakePortAudio) -> None:
+def test_slow_consumer_drops_the_oldest_blocks_and_reports_the_gap(fake: FakePortAudio) -> None:
     with mic.MicSource(mic.resolve_device(None), sample_rate=16000, block_frames=160,
                        queue_blocks=4) as source:
         time.sleep(0.5)  # ~50 blocks of 10 ms while nobody reads
         counters = source.counters()
         first = source.read(timeout=1.0)
+        gap = source.take_gap()
     stream = fake.streams[-1]
     assert counters["blocks"] >= 30
-    assert counters["dropped_blocks"] == counters["blocks"] - 4
-    assert first is not None and first.shape == (160, 1)  # the oldest block was kept
-    np.testing.assert_allclose(first[:, 0], fake.signal(0, 160, 1, 16000)[:, 0] / 32768.0, atol=1e-7)
+    assert counters["dropped_blocks"] >= counters["blocks"] - 5
+    assert first is not None and first.shape == (160, 1)
+    # the block read is a recent one, and the frames before it are reported lost
+    assert gap >= (counters["blocks"] - 5) * 160 and gap % 160 == 0
+    np.testing.assert_allclose(first[:, 0], fake.signal(gap, 160, 1, 16000)[:, 0] / 32768.0,
+                               atol=1e-7)
+    assert source.take_gap() == 0
     assert max(stream.callback_durations) < 0.005, max(stream.callback_durations)
     assert not stream.callback_errors
 

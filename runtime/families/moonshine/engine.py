@@ -14,7 +14,7 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import greedy_decode
+from edgestream.runtime.decode import GreedyResult, greedy_decode, pick
 from edgestream.runtime.session import GraphSession
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.families.whisper.engine import repeats_too_often
@@ -61,6 +61,13 @@ class StreamingEncDecEngine:
         """Start a new utterance: encoder carries, memory and caches back to zero."""
         self.states.reset(MODEL_GRAPHS)
         self.memory_length = 0
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        return self.states.snapshot(MODEL_GRAPHS), self.memory_length
+
+    def restore(self, snapshot: tuple[dict[str, np.ndarray], int]) -> None:
+        self.states.restore(snapshot[0])
+        self.memory_length = snapshot[1]
 
     @property
     def room(self) -> int:
@@ -109,23 +116,26 @@ class StreamingEncDecEngine:
         return out["logits"].reshape(len(tokens), -1)
 
     def decode(self, max_new: int, max_repeats: int = 4, hint: Sequence[int] = (),
-               stop_at_eos: bool = True) -> list[int]:
-        """Greedy tokens of the current line (without the start and end tokens). `hint`: the
-        line's previous hypothesis, re-scored in block passes (same result, less compute).
-        `stop_at_eos=False` decodes exactly `max_new` tokens (benchmarks with random weights)."""
+               stop_at_eos: bool = True, temperature: float = 0.0, seed: int = 0
+               ) -> GreedyResult:
+        """Greedy (or seeded sampled, for the quality fallback) tokens of the current line,
+        without the start and end tokens. `hint`: the line's previous hypothesis, re-scored in
+        block passes (same result, less compute). An n-gram repeated more than `max_repeats`
+        times ends the decode (`looped`). `stop_at_eos=False` decodes exactly `max_new` tokens
+        (benchmarks with random weights)."""
         if self.memory_length == 0:
-            return []
+            return GreedyResult((), True)
         limit = min(self.t_max, len(self.prompt) + max_new)
+        rng = np.random.default_rng(seed) if temperature > 0 else None
 
-        def choose(logits: np.ndarray, generated: list[int]) -> int:
+        def choose(logits: np.ndarray, generated: list[int]) -> tuple[int, float]:
             if not stop_at_eos:
                 logits = logits.copy()
                 logits[self.eos] = -np.inf
-            return int(np.argmax(logits))
+            return pick(logits, temperature, rng)
 
-        out = greedy_decode(self, self.prompt, choose, self.eos, limit,
-                            lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
-        return list(out.tokens)
+        return greedy_decode(self, self.prompt, choose, self.eos, limit,
+                             lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()

@@ -1,156 +1,134 @@
-"""The streaming encoder-decoder driver: encode each chunk once while speech is active, re-decode
-the line over the memory at most every `partial_ms`, flush and finalize at the endpoint.
+"""Moonshine Streaming's hypothesis policy for the stream gate: every frame encoded once,
+the line re-decoded over the memory by re-scoring the previous hypothesis.
 
-Idle audio is kept only as a short pre-roll, so the encoder never runs on long silences and every
-line starts from fresh state, exactly as the model would see that utterance on its own.
+While a line is open each whole chunk goes through the encoder once and its real frames are
+appended to the cross-attention memory; a partial re-scores the previous hypothesis in block
+passes and steps only where it departs. The final zero-pads the last partial chunk, flushes the
+encoder's lookahead and decodes the line once more. Idle audio is kept only as pre-roll, so
+silence costs nothing and every line starts from fresh state, as the model sees an utterance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from edgestream.runtime.events.types import Event, Final, Partial, SpeechStarted
+from edgestream.runtime.decode import GreedyResult
 from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
-from edgestream.runtime.events.stats import finalize_at_endpoint
-from edgestream.runtime.vad import EndpointConfig, Endpointer
+from edgestream.runtime.gate import Hypothesis, LineText
+from edgestream.runtime.quality import QualityRules, decode_with_fallback
+
+# Moonshine publishes no log-probability threshold: only loops and repetition trigger fallback
+RULES = QualityRules(avg_logprob_min=-np.inf)
 
 
 @dataclass(frozen=True)
-class StreamingConfig:
+class MoonshineOptions:
     """`partial_ms`: re-decode cadence; `preroll_ms`: audio kept before detected speech;
-    `tokens_per_second`: decode budget per second of memory; `max_repeats`: n-gram loop cap."""
+    `tokens_per_second`: decode budget per second of memory; `max_repeats`: loop guard."""
 
     partial_ms: int = 200
     preroll_ms: int = 320
     tokens_per_second: float = 8.0
     max_repeats: int = 4
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
 
 
-class StreamingEncDecStreamer:
-    """Feed audio at the model rate; get caption events back."""
+class MoonshinePolicy:
+    """One per stream: the engine holds the stream's encoder, memory and decoder state."""
 
-    def __init__(self, engine: StreamingEncDecEngine, endpointer: Endpointer,
-                 config: StreamingConfig) -> None:
+    def __init__(self, engine: StreamingEncDecEngine, options: MoonshineOptions,
+                 rules: QualityRules = RULES) -> None:
         self.engine = engine
-        self.endpointer = endpointer
-        self.config = config
+        self.options = options
+        self.rules = rules
         self.rate = engine.bundle.manifest.audio.sample_rate
         self.pending = np.zeros(0, dtype=np.float32)  # audio not yet encoded
         self.pending_start = 0  # stream sample of pending[0]
-        self.encoded_samples = 0  # audio of the current line that went through the encoder
-        self.line = 0
-        self.line_start = 0
-        self.active = False
-        self._since_partial = 0
-        self._last_partial = ""
-        self._hypothesis: list[int] = []
-        self.final_latencies_ms: list[float] = []
-        self.final_compute_ms: list[float] = []
+        self.line_start: int | None = None
+        self.encoded = 0  # samples of the open line that went through the encoder
+        self.hypothesis: list[int] = []
 
-    @property
-    def now(self) -> float:
-        return (self.pending_start + self.pending.size) / self.rate
-
-    def feed(self, audio: np.ndarray) -> list[Event]:
-        events: list[Event] = []
-        self.pending = np.concatenate([self.pending, audio.astype(np.float32)])
-        for vad in self.endpointer.process(audio):
-            if vad.kind == "start" and not self.active:
-                self._begin(vad.sample)
-                events.append(SpeechStarted(self.line, vad.decided / self.rate,
-                                            self.line_start / self.rate))
-            elif vad.kind == "end" and self.active:
-                events += finalize_at_endpoint(self._finalize, vad, self.rate,
-                                               self.final_latencies_ms, self.final_compute_ms)
-        if not self.active:
-            keep = self.config.preroll_ms * self.rate // 1000
+    def push(self, audio: np.ndarray) -> None:
+        self.pending = np.concatenate([self.pending, audio]) if self.pending.size else audio
+        if self.line_start is None:
+            keep = self.options.preroll_ms * self.rate // 1000
             if self.pending.size > keep:
                 self.pending_start += self.pending.size - keep
                 self.pending = self.pending[-keep:]
-            return events
-        events += self._encode_ready()
-        if self._since_partial >= self.config.partial_ms * self.rate // 1000:
-            events += self._partial()
-        return events
+        else:
+            self._encode(pad=False)
 
-    def finish(self) -> list[Event]:
-        return self._finalize("end_of_input") if self.active else []
-
-    def _begin(self, speech_sample: int) -> None:
-        self.active = True
+    def begin(self, start: int) -> None:
         self.engine.reset()
-        start = max(self.pending_start, speech_sample - self.config.preroll_ms * self.rate // 1000)
+        start = max(self.pending_start, start - self.options.preroll_ms * self.rate // 1000)
         self.pending = self.pending[start - self.pending_start:]
         self.pending_start = self.line_start = start
-        self.encoded_samples = 0
-        self._since_partial = 0
+        self.encoded = 0
+        self.hypothesis = []
+        self._encode(pad=False)
 
-    def _encode_ready(self, upto: int | None = None) -> list[Event]:
-        """Encode whole chunks of pending audio (up to stream sample `upto`, zero-padding the last
-        partial chunk when given). A line whose memory is full is finalized and a new one begun."""
-        events: list[Event] = []
-        chunk = self.engine.chunk
-        end = self.pending.size if upto is None else max(0, upto - self.pending_start)
-        done = 0
-        while end - done >= chunk or (upto is not None and end - done > 0):
-            if self.engine.room < self.engine.n:
-                self._consume(done)
-                events += self._finalize("window")
-                self._begin(self.pending_start)
-                events.append(SpeechStarted(self.line, self.now, self.line_start / self.rate))
-                end, done = end - done, 0
-                continue
-            piece = self.pending[done: min(done + chunk, end)]
-            # a frame is real when its first 5 ms hold audio (the recipe's protocol)
-            fs = self.engine.frame_samples
-            valid = self.engine.n if piece.size == chunk else (piece.size + fs - 80) // fs
-            if piece.size < chunk:
-                piece = np.concatenate([piece, np.zeros(chunk - piece.size, np.float32)])
-            self.engine.push(piece, valid_frames=valid)
-            taken = min(chunk, end - done)
-            done += taken
-            self._since_partial += taken
-            self.encoded_samples += taken
-        self._consume(done)
-        return events
+    def partial(self) -> Hypothesis:
+        self.hypothesis = list(self.engine.decode(self._budget(), self.options.max_repeats,
+                                                  hint=self.hypothesis).tokens)
+        return Hypothesis(text=self.engine.text(self.hypothesis))
 
-    def _consume(self, samples: int) -> None:
-        self.pending = self.pending[samples:]
-        self.pending_start += samples
+    def final(self) -> LineText:
+        start = self.line_start if self.line_start is not None else self.pending_start
+        if not self.engine.room < self.engine.n:  # a full memory took its last frames already
+            self._encode(pad=True)
+        self.engine.flush()
+        judged = decode_with_fallback(self._decode, lambda r: self.engine.text(r.tokens),
+                                      self.rules)
+        self.line_start = None
+        self.hypothesis = []
+        return LineText(judged.text, start, start + self.encoded)
+
+    def full(self) -> bool:
+        return self.engine.room < self.engine.n
+
+    def snapshot(self) -> Any:
+        return (self.pending, self.pending_start, self.line_start, self.encoded,
+                list(self.hypothesis), self.engine.snapshot())
+
+    def restore(self, snapshot: Any) -> None:
+        (self.pending, self.pending_start, self.line_start, self.encoded, hypothesis,
+         engine) = snapshot
+        self.hypothesis = list(hypothesis)
+        self.engine.restore(engine)
+
+    def forget(self, resume_at: int) -> None:
+        self.pending = np.zeros(0, dtype=np.float32)
+        self.pending_start = resume_at
+        self.line_start = None
+        self.hypothesis = []
+
+    def _decode(self, temperature: float) -> GreedyResult:
+        return self.engine.decode(self._budget(), self.options.max_repeats,
+                                  hint=self.hypothesis if temperature == 0 else (),
+                                  temperature=temperature, seed=self.line_start or 0)
 
     def _budget(self) -> int:
         seconds = self.engine.memory_length * self.engine.frame_samples / self.rate
-        return int(seconds * self.config.tokens_per_second) + 8
+        return int(seconds * self.options.tokens_per_second) + 8
 
-    def _partial(self) -> list[Event]:
-        self._since_partial = 0
-        self._hypothesis = self.engine.decode(self._budget(), self.config.max_repeats,
-                                              hint=self._hypothesis)
-        text = self.engine.text(self._hypothesis)
-        if text and text != self._last_partial:
-            self._last_partial = text
-            return [Partial(self.line, self.now, text, "")]
-        return []
-
-    def _finalize(self, reason: str, upto: int | None = None,
-                  t: float | None = None) -> list[Event]:
-        events: list[Event] = []
-        t = self.now if t is None else t
-        if reason != "window":  # a full memory was already encoded up to here
-            events += self._encode_ready(self.pending_start + self.pending.size
-                                         if upto is None else upto)
-        self.engine.flush()
-        text = self.engine.text(self.engine.decode(self._budget(), self.config.max_repeats,
-                                                   hint=self._hypothesis))
-        self._hypothesis = []
-        end = self.line_start + self.encoded_samples
-        if text:
-            events.append(Final(self.line, t, text, reason, self.line_start / self.rate,
-                                end / self.rate))
-            self.line += 1
-        self.active = False
-        self._last_partial = ""
-        return events
+    def _encode(self, pad: bool) -> None:
+        """Encode whole chunks of pending audio; with `pad`, also the last partial chunk,
+        zero-padded (its frames past the audio are marked invalid)."""
+        chunk, fs = self.engine.chunk, self.engine.frame_samples
+        done = 0
+        while self.pending.size - done >= chunk or (pad and self.pending.size - done > 0):
+            if self.engine.room < self.engine.n:
+                break  # the gate sees `full()` and closes the line
+            piece = self.pending[done: done + chunk]
+            # a frame is real when its first 5 ms hold audio (the recipe's protocol)
+            valid = self.engine.n if piece.size == chunk else (piece.size + fs - 80) // fs
+            taken = piece.size
+            if piece.size < chunk:
+                piece = np.concatenate([piece, np.zeros(chunk - piece.size, np.float32)])
+            self.engine.push(piece, valid_frames=valid)
+            done += taken
+            self.encoded += taken
+        self.pending = self.pending[done:]
+        self.pending_start += done

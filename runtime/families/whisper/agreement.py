@@ -77,19 +77,22 @@ class LocalAgreement:
             start = i
         return None
 
-    def trim(self, segment: Segment) -> None:
-        """Drop `segment` (its tokens up to its end timestamp) and rebase later timestamps so they
-        count from the segment's end, where the caller cuts the audio buffer."""
+    def trim(self, segment: Segment, shift: int | None = None) -> None:
+        """Drop `segment` (its tokens up to its end timestamp). Later timestamps are rebased by
+        `shift` steps (default: to count from the segment's end, where a caller that cuts the
+        audio buffer there cuts it; 0 when the buffer is kept)."""
         end_token = self.tb + segment.end_step
         cut = self.committed.index(end_token) + 1
-        shift = segment.end_step
-
-        def rebase(tokens: list[int]) -> list[int]:
-            return [t - shift if t >= self.tb else t for t in tokens]
-
-        self.committed = rebase(self.committed[cut:])
-        # the previous hypothesis no longer lines up with the trimmed buffer; agreement restarts
+        self.committed = self.committed[cut:]
+        self.rebase(segment.end_step if shift is None else shift)
+        # the previous hypothesis no longer lines up with the committed tokens; agreement restarts
         self.previous = None
+
+    def rebase(self, shift: int) -> None:
+        """The audio buffer lost its first `shift` timestamp steps: move timestamps with it."""
+        if shift:
+            self.committed = [t - shift if t >= self.tb else t for t in self.committed]
+            self.previous = None
 
     def reset(self) -> None:
         self.committed = []

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import GreedyResult, greedy_decode
+from edgestream.runtime.decode import GreedyResult, greedy_decode, log_softmax, pick
 from edgestream.runtime.families.whisper.mel import WhisperLogMel
 from edgestream.runtime.state import StateStore
 
@@ -30,6 +30,51 @@ def repeats_too_often(tokens: Sequence[int], max_repeats: int) -> bool:
                for r in range(reps)):
             return True
     return False
+
+
+class _SegmentLoopGuard:
+    """The timestamp-mode loop guard of `WhisperEngine.decode` (see there)."""
+
+    MAX_TOKENS_PER_S = 12.0  # fast speech is about 5 tokens/s; more than this is not speech
+
+    def __init__(self, timestamp_begin: int, max_repeats: int, forced: Sequence[int]) -> None:
+        self.tb = timestamp_begin
+        self.max_repeats = max_repeats
+        self.forced = list(forced)
+
+    def segment_start(self, generated: list[int]) -> int:
+        """Index in `generated` of the open (or just closed) segment's opening timestamp."""
+        seq = self.forced + generated
+        end = len(seq) - 1 if seq and seq[-1] >= self.tb and len(seq) > 1 and \
+            seq[-2] < self.tb else len(seq)
+        i = end - 1
+        while i >= 0 and seq[i] < self.tb:
+            i -= 1
+        return max(0, i - len(self.forced))
+
+    def _run(self, generated: list[int]) -> list[int]:
+        seq = self.forced + generated
+        i = len(seq)
+        while i > 0 and seq[i - 1] < self.tb:
+            i -= 1
+        return seq[i:]
+
+    def must_close(self, generated: list[int]) -> bool:
+        run = self._run(generated)
+        return bool(run) and repeats_too_often(run, self.max_repeats)
+
+    def runaway(self, generated: list[int]) -> bool:
+        """True once a segment closes after text faster than speech, or a run never closes."""
+        seq = self.forced + generated
+        if len(seq) >= 2 and seq[-1] >= self.tb and seq[-2] < self.tb:
+            opening = self.segment_start(generated) + len(self.forced)
+            if opening < len(seq) - 1 and seq[opening] >= self.tb:
+                text = len(seq) - 1 - opening - 1
+                seconds = (seq[-1] - seq[opening]) * 0.02
+                return text > self.MAX_TOKENS_PER_S * max(seconds, 0.02) and \
+                    repeats_too_often(seq[opening + 1: -1], self.max_repeats)
+        # a segment that keeps repeating although it was told to close
+        return repeats_too_often(self._run(generated), 4 * self.max_repeats)
 
 
 class WhisperEngine:
@@ -63,6 +108,10 @@ class WhisperEngine:
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
         self.prompt = tuple(m.decoding.prompt)
         self.tokenizer = bundle.tokenizer
+        self.sot_prev = sp.get("sot_prev", -1)
+        # English-only checkpoints call it <|nocaptions|>, multilingual ones <|nospeech|>
+        ids = [bundle.tokenizer.token_to_id(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
+        self.no_speech = next((i for i in ids if i is not None and i < self.vocab), -1)
 
     @property
     def window_seconds(self) -> float:
@@ -91,37 +140,74 @@ class WhisperEngine:
 
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
                max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),
+               previous: Sequence[int] = (), temperature: float = 0.0, seed: int = 0,
                keep_logits: bool = False) -> GreedyResult:
-        """Greedy decode after the prompt and the `forced` prefix (teacher-forced).
+        """Decode after the prompt and the `forced` prefix (teacher-forced); greedy, or sampled
+        at `temperature` with a seeded generator (the quality fallback).
 
-        Applies the suppression lists of the original generation config, Whisper's timestamp rules
-        when `timestamps`, and stops on an n-gram loop (hallucination guard). `hint`: the previous
+        `previous`: text tokens of what came before this window, given behind <|startofprev|>
+        (Whisper's conditioning on previous text). Applies the generation config's suppression
+        lists and, with `timestamps`, Whisper's timestamp grammar. `hint`: the previous
         hypothesis after `forced`, re-scored in block passes (same result, less compute).
+
+        Loop guard: without timestamps, an n-gram repeated more than `max_repeats` times ends the
+        decode (`looped`). With timestamps a repeat is only suspect inside one segment: the
+        segment is then made to close, and its closing timestamp decides. Speech really said that
+        often spans the audio, so the decode goes on; a repetition faster than speech is a loop,
+        and the decode ends before that segment (`looped`), keeping every word before it.
         """
         prompt = list(self.prompt)
         if timestamps and prompt and prompt[-1] == self.no_timestamps:
             prompt = prompt[:-1]
         forced = list(forced)
-        prefix = prompt + forced
+        context: list[int] = []
+        if previous and self.sot_prev >= 0:
+            room = max(0, min(223, self.t_max // 2 - len(prompt) - len(forced) - 1))
+            context = [self.sot_prev, *list(previous)[-room:]] if room else []
+        prefix = context + prompt + forced
         limit = self.t_max - 1 if max_new is None else min(self.t_max - 1, len(prefix) + max_new)
         if len(prefix) >= limit:
             return GreedyResult((), False)
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        tb = self.timestamp_begin
+        guard = _SegmentLoopGuard(tb, max_repeats, forced) if timestamps else None
 
-        def choose(logits: np.ndarray, generated: list[int]) -> int:
-            scores = logits.copy()
+        def choose(logits: np.ndarray, generated: list[int]) -> tuple[int, float]:
+            scores = logits.astype(np.float32, copy=True)
             if self._suppress.size:
                 scores[self._suppress] = _NEG
             if not generated and not forced and self._suppress_begin.size:
                 scores[self._suppress_begin] = _NEG
             if timestamps:
                 self._timestamp_rules(scores, forced + generated)
-            elif self.timestamp_begin:
-                scores[self.timestamp_begin:] = _NEG
-            return int(np.argmax(scores))
+                if guard is not None and guard.must_close(generated):
+                    scores[: tb] = _NEG  # close the suspect segment: its timestamp decides
+            elif tb:
+                scores[tb:] = _NEG
+            if not np.isfinite(scores).any():  # the grammar left nothing: end the text here
+                scores[self.eot] = 0.0
+            return pick(scores, temperature, rng)
 
-        return greedy_decode(self, prefix, choose, self.eot, limit,
-                             lambda generated: repeats_too_often(generated, max_repeats),
-                             hint=hint, keep_logits=keep_logits)
+        def stop(generated: list[int]) -> bool:
+            if guard is not None:
+                return guard.runaway(generated)
+            return repeats_too_often(generated, max_repeats)
+
+        out = greedy_decode(self, prefix, choose, self.eot, limit, stop, hint=hint,
+                            probe=len(context) if self.no_speech >= 0 else None,
+                            keep_logits=keep_logits)
+        if out.looped and guard is not None:
+            # drop the runaway segment (from its opening timestamp), keep every word before it
+            keep = guard.segment_start(list(out.tokens))
+            out = GreedyResult(out.tokens[:keep], False, out.logprobs[:keep], out.probe, True,
+                               out.logits)
+        return out
+
+    def no_speech_probability(self, result: GreedyResult) -> float:
+        """P(<|nocaptions|>) at the start of the transcript, 0 when the bundle cannot tell."""
+        if result.probe is None or self.no_speech < 0:
+            return 0.0
+        return float(np.exp(log_softmax(result.probe.astype(np.float64))[self.no_speech]))
 
     def _timestamp_rules(self, scores: np.ndarray, seq: list[int]) -> None:
         """Whisper's timestamp grammar: timestamps come in pairs, never go backwards, start the

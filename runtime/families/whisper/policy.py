@@ -1,64 +1,164 @@
-"""The Whisper streaming driver: LocalAgreement over a growing buffer, gated by the endpointer.
+"""Whisper's hypothesis policy for the stream gate: LocalAgreement over a window that carries
+the lines before it as context.
 
-Every `step_ms` of audio while speech is active, the buffer is re-encoded and re-decoded with the
-committed tokens forced; agreed words are committed (partials), closed segments become finals and
-are cut from the buffer, and an endpoint or the window limit finalizes the rest. No decode runs on
-audio the VAD calls silence: Whisper's favourite hallucinations happen exactly there.
+Whisper reads 30 s windows. A line cut short by a pause is badly read on its own (a 2 s window
+with no context loses words at both ends), so the window keeps up to `context_s` of the audio
+before the open line, and the finals of that audio are forced into the decoder as closed,
+timestamped segments. The model then continues the text it already wrote, over the audio it
+already heard, exactly as it does inside one long window: finals come from context, never from
+later speech.
+
+While the line is open, every cadence the window is decoded with the line's committed tokens
+forced; LocalAgreement commits what two consecutive hypotheses agree on. A committed segment
+that Whisper closes with timestamps becomes a final on its own and joins the context.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from edgestream.runtime.decode import GreedyResult
 from edgestream.runtime.families.whisper.agreement import LocalAgreement
-from edgestream.runtime.events.types import Event, Final, Partial, SpeechStarted
-from edgestream.runtime.events.stats import finalize_at_endpoint
-from edgestream.runtime.vad import EndpointConfig, Endpointer
 from edgestream.runtime.families.whisper.engine import WhisperEngine
+from edgestream.runtime.families.whisper.transcribe import split_segments
+from edgestream.runtime.gate import Hypothesis, LineText
+from edgestream.runtime.quality import QualityRules, decode_with_fallback, is_silence
 
-STEP_SAMPLES_PER_TIMESTAMP = 320  # Whisper timestamps are 20 ms apart
+STEP = 320  # samples per Whisper timestamp step (20 ms)
 
 
 @dataclass(frozen=True)
-class WhisperStreamConfig:
-    """`step_ms`: re-decode cadence; `preroll_ms`: audio kept before detected speech;
-    `max_repeats`: n-gram loop cap; `tokens_per_second`: cap on decoded tokens per buffer second."""
+class WhisperOptions:
+    """`step_ms`: re-decode cadence; `context_s`: audio (and its finals) kept before a line;
+    `preroll_ms`: audio kept before detected speech; `max_repeats`: loop guard;
+    `tokens_per_second`: partial decode budget per second of line audio."""
 
     step_ms: int = 500
+    context_s: float = 10.0
     preroll_ms: int = 320
     max_repeats: int = 4
     tokens_per_second: float = 8.0
-    adaptive_step: bool = False  # live input: decode less often when compute falls behind
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
 
 
-class WhisperStreamer:
-    """Feed 16 kHz mono audio of any length; get caption events back."""
+@dataclass(frozen=True)
+class _Said:
+    """A finished piece of text and where its audio lies (stream samples)."""
 
-    def __init__(self, engine: WhisperEngine, endpointer: Endpointer, tokenizer: Tokenizer,
-                 config: WhisperStreamConfig) -> None:
+    tokens: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass
+class _State:
+    audio: np.ndarray
+    start: int  # stream sample of audio[0]
+    context: list[_Said]
+    line_start: int | None  # None: no open line
+    committed: list[int]
+    previous: list[int] | None
+
+
+class WhisperPolicy:
+    """LocalAgreement with context; one per stream (the engine holds the stream's state)."""
+
+    def __init__(self, engine: WhisperEngine, options: WhisperOptions,
+                 rules: QualityRules = QualityRules()) -> None:
         self.engine = engine
-        self.endpointer = endpointer
-        self.tok = tokenizer
-        self.config = config
+        self.options = options
+        self.rules = rules
+        self.tok = engine.tokenizer
         self.rate = engine.bundle.manifest.audio.sample_rate
-        self.step = config.step_ms * self.rate // 1000
         self.window = engine.bundle.manifest.audio.window_samples
-        self.agreement = LocalAgreement(self._word_start, engine.timestamp_begin)
-        self.buffer = np.zeros(0, dtype=np.float32)
-        self.buffer_start = 0  # stream sample of buffer[0]
-        self.line = 0
-        self.active = False
-        self._since_decode = 0
-        self._catch_up = 0
-        self._last_partial = ""
-        self.final_latencies_ms: list[float] = []
-        self.final_compute_ms: list[float] = []
+        self.step = options.step_ms * self.rate // 1000
+        self.tb = engine.timestamp_begin
+        self.agreement = LocalAgreement(self._word_start, self.tb)
+        self.s = _State(np.zeros(0, np.float32), 0, [], None, [], None)
         self._word_cache: dict[int, bool] = {}
+
+    # -- the gate's interface -----------------------------------------------------------------
+
+    def push(self, audio: np.ndarray) -> None:
+        self.s.audio = np.concatenate([self.s.audio, audio]) if self.s.audio.size else audio
+        if self.s.line_start is None:
+            self._trim_idle()
+
+    def begin(self, start: int) -> None:
+        preroll = self.options.preroll_ms * self.rate // 1000
+        self._trim_idle()
+        self.s.line_start = max(self.s.start, start - preroll)
+        self.agreement.reset()
+
+    def partial(self) -> Hypothesis:
+        result = self._decode(0.0)
+        hyp = self.agreement.committed + list(result.tokens)
+        self.agreement.update(hyp)
+        tentative = hyp[len(self.agreement.committed):]
+        closed: list[LineText] = []
+        while (segment := self.agreement.closed_segment()) is not None:
+            start = self.s.start + segment.start_step * STEP
+            end = self.s.start + segment.end_step * STEP
+            self.agreement.trim(segment, shift=0)  # the buffer is kept: it is context now
+            self.s.context.append(_Said(segment.tokens, start, end))
+            closed.append(LineText(self._text(segment.tokens), self.s.line_start or start, end))
+            self.s.line_start = end
+        confirmed = self._text(self.agreement.committed)
+        return Hypothesis(tuple(closed), self._text(self.agreement.committed + tentative),
+                          confirmed)
+
+    def final(self) -> LineText:
+        line_start = self.s.line_start if self.s.line_start is not None else self.s.start
+        end = self.s.start + self.s.audio.size
+        judged = decode_with_fallback(self._decode, lambda r: self._text(
+            self.agreement.committed + list(r.tokens)), self.rules)
+        tokens = self.agreement.committed + list(judged.result.tokens)
+        silent = not self.s.context and is_silence(
+            judged, self.engine.no_speech_probability(judged.result), self.rules)
+        said: list[_Said] = []
+        if not silent:
+            closed, tail = split_segments(tokens, self.tb)
+            said = [_Said(tuple(t), self.s.start + a * STEP, self.s.start + b * STEP)
+                    for a, b, t in closed if t]
+            if tail:
+                opening = closed[-1][1] if closed else None
+                rest = tokens[tokens.index(self.tb + opening) + 1:] if opening is not None \
+                    else tokens
+                text = tuple(t for t in rest if t < self.tb)
+                begin = self.s.start + opening * STEP if opening is not None else line_start
+                said.append(_Said(text, begin, end))
+        self.s.context += said
+        self.s.line_start = None
+        self.agreement.reset()
+        self._trim_idle()
+        text = " ".join(filter(None, (self._text(s.tokens) for s in said)))
+        return LineText(text, line_start, end)
+
+    def full(self) -> bool:
+        if self.s.audio.size < self.window - self.step:
+            return False
+        self.s.context = []  # make room: the line itself needs the window
+        self._cut_front(self.s.line_start or self.s.start)
+        return self.s.audio.size >= self.window - self.step
+
+    def snapshot(self) -> Any:
+        s = self.s
+        return replace(s, context=list(s.context), committed=list(self.agreement.committed),
+                       previous=None if self.agreement.previous is None
+                       else list(self.agreement.previous))
+
+    def restore(self, snapshot: Any) -> None:
+        self.s = replace(snapshot, context=list(snapshot.context))
+        self.agreement.committed = list(snapshot.committed)
+        self.agreement.previous = None if snapshot.previous is None else list(snapshot.previous)
+
+    def forget(self, resume_at: int) -> None:
+        self.s = _State(np.zeros(0, np.float32), resume_at, [], None, [], None)
+        self.agreement.reset()
+
+    # -- internals ---------------------------------------------------------------------------
 
     def _word_start(self, token: int) -> bool:
         if token not in self._word_cache:
@@ -66,105 +166,54 @@ class WhisperStreamer:
             self._word_cache[token] = piece.startswith(("Ġ", " ")) or token >= self.engine.eot
         return self._word_cache[token]
 
-    def _text(self, tokens: list[int]) -> str:
-        return self.tok.decode(self.engine.text_tokens(tokens)).strip()
+    def _text(self, tokens: Any) -> str:
+        return self.tok.decode(self.engine.text_tokens(list(tokens))).strip()
 
-    @property
-    def now(self) -> float:
-        return (self.buffer_start + self.buffer.size) / self.rate
+    def _stamp(self, sample: int) -> int:
+        return self.tb + int(np.clip(round((sample - self.s.start) / STEP), 0, 1500))
 
-    def feed(self, audio: np.ndarray) -> list[Event]:
-        """Consume audio; returns the events it caused, in order."""
-        events: list[Event] = []
-        self.buffer = np.concatenate([self.buffer, audio.astype(np.float32)])
-        self._since_decode += audio.size
-        for vad in self.endpointer.process(audio):
-            if vad.kind == "start" and not self.active:
-                self.active = True
-                events.append(SpeechStarted(self.line, vad.decided / self.rate,
-                                            vad.sample / self.rate))
-            elif vad.kind == "end" and self.active:
-                events += finalize_at_endpoint(self._finalize, vad, self.rate,
-                                               self.final_latencies_ms, self.final_compute_ms)
-        if not self.active:
-            self._drop_silence()
-            return events
-        if self.buffer.size >= self.window - self.step:
-            return events + self._finalize("window")
-        if self._since_decode >= max(self.step, self._catch_up):
-            events += self._decode_step()
-        return events
+    def _forced_context(self) -> list[int]:
+        """The context's finals as closed, timestamped segments, as Whisper writes them."""
+        forced: list[int] = []
+        for said in self.s.context:
+            if said.tokens:
+                forced += [self._stamp(said.start), *said.tokens, self._stamp(said.end)]
+        return forced
 
-    def finish(self) -> list[Event]:
-        """End of input: finalize whatever is pending."""
-        return self._finalize("end_of_input") if self.active else []
-
-    def _drop_silence(self) -> None:
-        keep = self.config.preroll_ms * self.rate // 1000
-        if self.buffer.size > keep:
-            self.buffer_start += self.buffer.size - keep
-            self.buffer = self.buffer[-keep:]
-
-    def _hypothesis(self) -> list[int]:
-        self._since_decode = 0
-        started = time.perf_counter()
-        self.engine.encode(self.buffer)
-        budget = int(self.buffer.size / self.rate * self.config.tokens_per_second) + 8
+    def _decode(self, temperature: float) -> GreedyResult:
+        s = self.s
+        context = self._forced_context()
+        # a tiny decoder (short static KV) cannot take much context text: drop the oldest
+        while context and len(context) + len(self.engine.prompt) > self.engine.t_max // 2:
+            s.context.pop(0)
+            context = self._forced_context()
+        self.engine.encode(s.audio)
+        line_s = (s.start + s.audio.size - (s.line_start or s.start)) / self.rate
+        budget = int(line_s * self.options.tokens_per_second) + 8
         committed = self.agreement.committed
         previous = self.agreement.previous or []
         hint = previous[len(committed):] if previous[: len(committed)] == committed else []
-        out = self.engine.decode(committed, timestamps=True, max_new=budget,
-                                 max_repeats=self.config.max_repeats, hint=hint)
-        # When one decode takes longer than a step of audio, decode less often instead of
-        # letting latency grow: the next decode waits for 1.25x this decode's compute.
-        if self.config.adaptive_step:
-            self._catch_up = int((time.perf_counter() - started) * 1.25 * self.rate)
-        return self.agreement.committed + list(out.tokens)
+        return self.engine.decode(context + committed, timestamps=True, max_new=budget,
+                                  max_repeats=self.options.max_repeats,
+                                  hint=hint if temperature == 0 else (),
+                                  temperature=temperature, seed=s.start)
 
-    def _decode_step(self) -> list[Event]:
-        events: list[Event] = []
-        hyp = self._hypothesis()
-        self.agreement.update(hyp)
-        tentative = hyp[len(self.agreement.committed):]
-        while (segment := self.agreement.closed_segment()) is not None:
-            text = self.tok.decode(list(segment.tokens)).strip()
-            start = self.buffer_start / self.rate + segment.start_step * 0.02
-            cut = segment.end_step * STEP_SAMPLES_PER_TIMESTAMP
-            if text:
-                events.append(Final(self.line, self.now, text, "segment", start,
-                                    self.buffer_start / self.rate + segment.end_step * 0.02))
-                self.line += 1
-            self.agreement.trim(segment)
-            self.buffer = self.buffer[cut:]
-            self.buffer_start += cut
-            self._last_partial = ""
-        confirmed = self._text(self.agreement.committed)
-        full = self._text(self.agreement.committed + tentative)
-        if full != self._last_partial and full:
-            events.append(Partial(self.line, self.now, full, confirmed))
-            self._last_partial = full
-        return events
+    def _trim_idle(self) -> None:
+        """No open line: keep the context that is recent enough, or just the pre-roll."""
+        now = self.s.start + self.s.audio.size
+        keep_from = now - int(self.options.context_s * self.rate)
+        self.s.context = [c for c in self.s.context if c.start >= keep_from]
+        preroll = self.options.preroll_ms * self.rate // 1000
+        front = self.s.context[0].start if self.s.context else now - preroll
+        # the line and its context must fit the window with a step to spare
+        front = max(front, now - (self.window - 2 * self.step))
+        self.s.context = [c for c in self.s.context if c.start >= front]
+        self._cut_front(front)
 
-    def _finalize(self, reason: str, upto: int | None = None,
-                  t: float | None = None) -> list[Event]:
-        events: list[Event] = []
-        t = self.now if t is None else t  # when the line was decided, before any cut
-        keep = np.zeros(0, dtype=np.float32)
-        if upto is not None:
-            split = max(0, upto - self.buffer_start)
-            self.buffer, keep = self.buffer[:split], self.buffer[split:]
-        if self.buffer.size:
-            hyp = self._hypothesis()
-            self.agreement.update(hyp, complete=True)
-            text = self._text(self.agreement.committed)
-            if text:
-                events.append(Final(self.line, t, text, reason,
-                                    self.buffer_start / self.rate,
-                                    (self.buffer_start + self.buffer.size) / self.rate))
-                self.line += 1
-        self.agreement.reset()
-        self._last_partial = ""
-        self.buffer_start += self.buffer.size
-        self.buffer = keep
-        self.active = self.endpointer.in_speech if reason == "window" else False
-        return events
+    def _cut_front(self, sample: int) -> None:
+        """Drop audio before `sample`, in whole timestamp steps (committed timestamps move)."""
+        steps = max(0, (sample - self.s.start) // STEP)
+        if steps:
+            self.s.audio = self.s.audio[steps * STEP:]
+            self.s.start += steps * STEP
+            self.agreement.rebase(steps)

@@ -1,43 +1,93 @@
-"""Whole-file transcription: Whisper windows cut at the quietest moment before the 30 s limit."""
+"""Whole-file Whisper transcription: 30 s windows moved by the model's own timestamps.
+
+Each window is decoded with timestamps, conditioned on the text before it; its closed segments
+are kept and the next window starts where the last closed segment ended, so a word cut by the
+window edge is decoded again whole in the next one. Every window goes through the quality rules
+(`edgestream.runtime.quality`): a loop or a failed check gets a fallback decode, never a cut.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from edgestream.runtime.decode import GreedyResult
 from edgestream.runtime.families.whisper.engine import WhisperEngine
+from edgestream.runtime.transcript import Segment, Transcript
+from edgestream.runtime.quality import QualityRules, decode_with_fallback, is_silence
 
-SEARCH_S = 8.0  # look for a pause within the last 8 s of each window
-FRAME_S = 0.1
-
-
-def split_points(audio: np.ndarray, rate: int, window: int) -> list[tuple[int, int]]:
-    """Cut `audio` into pieces of at most `window` samples, each cut at the lowest-energy
-    100 ms frame of the piece's last `SEARCH_S` seconds, so no word is sliced in two."""
-    pieces: list[tuple[int, int]] = []
-    start = 0
-    frame = int(FRAME_S * rate)
-    while audio.size - start > window:
-        lo = start + window - int(SEARCH_S * rate)
-        region = audio[lo: start + window]
-        n = region.size // frame
-        energy = np.square(region[: n * frame].reshape(n, frame)).mean(axis=1)
-        cut = lo + int(np.argmin(energy)) * frame + frame // 2
-        pieces.append((start, cut))
-        start = cut
-    pieces.append((start, audio.size))
-    return pieces
+STEP_S = 0.02  # one timestamp token
 
 
-def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, max_repeats: int = 4) -> str:
-    """Greedy transcript of 16 kHz mono `audio` of any length."""
+def split_segments(tokens: list[int], tb: int) -> tuple[list[tuple[int, int, list[int]]], bool]:
+    """(start step, end step, text tokens) of each closed segment, and whether text follows the
+    last closed one (an open segment, to be decoded again from its start)."""
+    closed: list[tuple[int, int, list[int]]] = []
+    opening: int | None = None
+    text: list[int] = []
+    for tok in tokens:
+        if tok < tb:
+            text.append(tok)
+            continue
+        if opening is not None and text:
+            closed.append((opening - tb, tok - tb, text))
+            opening, text = None, []
+        else:
+            opening, text = tok, []
+    return closed, bool(text)
+
+
+def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRules = QualityRules(),
+                     max_repeats: int = 4, condition_on_previous: bool = True) -> Transcript:
+    """Transcript of 16 kHz mono `audio` of any length, with segment times."""
     rate = engine.bundle.manifest.audio.sample_rate
     window = engine.bundle.manifest.audio.window_samples
-    texts: list[str] = []
-    tok = engine.tokenizer
-    for a, b in split_points(audio, rate, window):
-        engine.encode(audio[a:b])
-        out = engine.decode(max_repeats=max_repeats)
-        text = tok.decode(engine.text_tokens(out.tokens)).strip()
-        if text:
-            texts.append(text)
-    return " ".join(texts)
+    tb, tok = engine.timestamp_begin, engine.tokenizer
+    segments: list[Segment] = []
+    previous: list[int] = []
+    spoken: list[int] = []  # text tokens of every kept segment: the next window's prompt
+    fallbacks = 0
+    seek = 0
+    while audio.size - seek > rate // 50:  # less than 20 ms left: nothing to decode
+        piece = audio[seek: seek + window]
+        last = seek + piece.size >= audio.size
+        engine.encode(piece)
+
+        def decode(t: float) -> GreedyResult:
+            return engine.decode(timestamps=True, max_repeats=max_repeats, temperature=t,
+                                 previous=previous if condition_on_previous else (),
+                                 seed=seek)
+
+        judged = decode_with_fallback(
+            decode, lambda r: tok.decode(engine.text_tokens(r.tokens)).strip(), rules)
+        fallbacks += judged.temperature > 0
+        if is_silence(judged, engine.no_speech_probability(judged.result), rules):
+            seek += piece.size
+            continue
+        closed, open_tail = split_segments(list(judged.result.tokens), tb)
+        for a, b, text in closed:
+            words = tok.decode(text).strip()
+            spoken += text
+            if words:
+                segments.append(Segment((seek / rate) + a * STEP_S, (seek / rate) + b * STEP_S,
+                                        words))
+        advance = closed[-1][1] * STEP_S * rate if closed else 0
+        if open_tail and (last or not closed):
+            # the end of the audio, or a window with no closed segment: keep its words as one
+            # segment to the window's end
+            rest = [t for t in judged.result.tokens if t < engine.eot]
+            after = judged.result.tokens.index(tb + closed[-1][1]) + 1 if closed else 0
+            words = tok.decode([t for t in judged.result.tokens[after:] if t < engine.eot]
+                               ).strip() if closed else tok.decode(rest).strip()
+            spoken += [t for t in judged.result.tokens[after:] if t < engine.eot]
+            if words:
+                start = seek / rate + (closed[-1][1] * STEP_S if closed else 0.0)
+                segments.append(Segment(start, (seek + piece.size) / rate, words))
+            advance = piece.size
+        elif not open_tail or int(advance) <= 0:
+            advance = piece.size  # everything closed (or no progress possible): next window
+        seek += int(advance)
+        if judged.temperature <= 0.5:
+            previous = list(spoken)
+        else:
+            previous, spoken = [], []  # a high-temperature window is a poor prompt for the next one
+    return Transcript(" ".join(s.text for s in segments), tuple(segments), fallbacks)

@@ -1,0 +1,26 @@
+"""Whisper's registration: windowed encoder-decoder, LocalAgreement with context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgestream.runtime.families import Family, register
+from edgestream.runtime.families.whisper.engine import WhisperEngine
+from edgestream.runtime.families.whisper.policy import WhisperOptions, WhisperPolicy
+from edgestream.runtime.families.whisper.transcribe import transcribe_audio
+from edgestream.runtime.transcript import Transcript
+
+
+def _make(bundle: Any, options: WhisperOptions) -> tuple[WhisperPolicy, Any]:
+    engine = WhisperEngine(bundle)
+    return WhisperPolicy(engine, options), engine.states
+
+
+def _transcribe(model: Any, samples: np.ndarray) -> Transcript:
+    return transcribe_audio(WhisperEngine(model.bundle), samples)  # its own state: thread-safe
+
+
+FAMILY = register(Family("whisper", "whisper_window", WhisperOptions, "step_ms", _make,
+                         _transcribe))

@@ -1,0 +1,78 @@
+"""Judging a decode and falling back when it fails, as the best Whisper runtimes do.
+
+A window's decode fails when the loop guard ended it, when its text compresses too well (a
+repetition the guard let through), or when its average log-probability is low. A failed window
+is decoded again at rising temperatures with a seeded generator (so a run is reproducible); the
+first decode that passes wins, and when none passes the best one that did not loop is kept. No
+rule ever truncates a decode: the guard keeps every word before a loop, and a fallback decode
+gives the model the chance to say what follows it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+from edgestream.runtime.decode import GreedyResult
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    """Thresholds: openai-whisper's and faster-whisper's defaults."""
+
+    compression_ratio_max: float = 2.4
+    avg_logprob_min: float = -1.0
+    no_speech_min: float = 0.6  # with a low avg log-probability: the window holds no speech
+    temperatures: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A decode, its text and what (if anything) is wrong with it."""
+
+    result: GreedyResult
+    text: str
+    temperature: float
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def judge(result: GreedyResult, text: str, temperature: float, rules: QualityRules) -> Judged:
+    problems = []
+    if result.looped:
+        problems.append("loop")
+    if compression_ratio(text) > rules.compression_ratio_max:
+        problems.append("compression")
+    if result.logprobs and result.avg_logprob < rules.avg_logprob_min:
+        problems.append("logprob")
+    return Judged(result, text, temperature, tuple(problems))
+
+
+def decode_with_fallback(decode: Callable[[float], GreedyResult], text: Callable[[GreedyResult],
+                         str], rules: QualityRules) -> Judged:
+    """`decode(temperature)` at 0 first, then at each fallback temperature until one passes."""
+    tried = [judge(first := decode(0.0), text(first), 0.0, rules)]
+    for t in rules.temperatures:
+        if tried[-1].ok:
+            break
+        result = decode(t)
+        tried.append(judge(result, text(result), t, rules))
+    if tried[-1].ok:
+        return tried[-1]
+    unlooped = [j for j in tried if "loop" not in j.problems]
+    return max(unlooped, key=lambda j: j.result.avg_logprob) if unlooped else tried[0]
+
+
+def is_silence(judged: Judged, no_speech_probability: float, rules: QualityRules) -> bool:
+    """Whisper's no-speech rule: the model says "no speech" and is not sure of any words."""
+    return (no_speech_probability > rules.no_speech_min
+            and judged.result.avg_logprob < rules.avg_logprob_min)
