@@ -134,3 +134,46 @@ def real_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips))
     assert report["passed"]
     return out
+
+
+EVENT_SCHEMA_FILE = Path(__file__).resolve().parents[1] / "runtime" / "events" / "schema.json"
+
+
+def validate_event(data: dict) -> None:
+    """Check one event (as JSON data) against the repository's event schema."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads(EVENT_SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator(schema).validate(data)
+
+
+@pytest.fixture(autouse=True)
+def _every_event_matches_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event any test produces, through the library API or a sink, is validated against
+    runtime/events/schema.json (subprocess tests validate theirs with `validate_event`)."""
+    import json
+
+    from edgestream.runtime import api
+    from edgestream.runtime.events import sinks, types
+
+    original = types.to_json
+
+    def checked(event):  # type: ignore[no-untyped-def]
+        text = original(event)
+        validate_event(json.loads(text))
+        return text
+
+    def wrap(method):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            out = method(*args, **kwargs)
+            for event in (out if isinstance(out, list) else [out]):
+                checked(event)
+            return out
+        return run
+
+    monkeypatch.setattr(types, "to_json", checked)
+    monkeypatch.setattr(sinks, "to_json", checked)
+    for name in ("feed", "finish", "gap", "stats_event"):
+        monkeypatch.setattr(api.Stream, name, wrap(getattr(api.Stream, name)))

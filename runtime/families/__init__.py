@@ -42,9 +42,8 @@ def register(family: Family) -> Family:
 
 
 def lookup(pipeline: str, where: str) -> Family:
-    if not REGISTRY:
-        for module in BUILTIN:
-            importlib.import_module(module)
+    for module in BUILTIN:  # cached after the first time
+        importlib.import_module(module)
     if pipeline not in REGISTRY:
         raise BundleError(f"{where}: pipeline {pipeline!r} has no driver in this runtime (it "
                           f"drives {', '.join(sorted(REGISTRY))}); upgrade edgestream")

@@ -27,12 +27,14 @@ RULES = QualityRules(avg_logprob_min=-np.inf)
 @dataclass(frozen=True)
 class MoonshineOptions:
     """`partial_ms`: re-decode cadence; `preroll_ms`: audio kept before detected speech;
-    `tokens_per_second`: decode budget per second of memory; `max_repeats`: loop guard."""
+    `tokens_per_second`: decode budget per second of memory; `max_repeats`: loop guard;
+    `fallback`: decode a looping or repetitive final again at rising temperatures."""
 
     partial_ms: int = 200
     preroll_ms: int = 320
     tokens_per_second: float = 8.0
     max_repeats: int = 4
+    fallback: bool = True
 
 
 class MoonshinePolicy:
@@ -42,7 +44,8 @@ class MoonshinePolicy:
                  rules: QualityRules = RULES) -> None:
         self.engine = engine
         self.options = options
-        self.rules = rules
+        self.rules = rules if options.fallback else QualityRules(
+            compression_ratio_max=np.inf, avg_logprob_min=-np.inf, temperatures=())
         self.rate = engine.bundle.manifest.audio.sample_rate
         self.pending = np.zeros(0, dtype=np.float32)  # audio not yet encoded
         self.pending_start = 0  # stream sample of pending[0]

@@ -34,13 +34,15 @@ STEP = 320  # samples per Whisper timestamp step (20 ms)
 class WhisperOptions:
     """`step_ms`: re-decode cadence; `context_s`: audio (and its finals) kept before a line;
     `preroll_ms`: audio kept before detected speech; `max_repeats`: loop guard;
-    `tokens_per_second`: partial decode budget per second of line audio."""
+    `tokens_per_second`: partial decode budget per second of line audio; `fallback`: decode a
+    final that fails the quality rules again at rising temperatures."""
 
     step_ms: int = 500
     context_s: float = 10.0
     preroll_ms: int = 320
     max_repeats: int = 4
     tokens_per_second: float = 8.0
+    fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class WhisperPolicy:
                  rules: QualityRules = QualityRules()) -> None:
         self.engine = engine
         self.options = options
-        self.rules = rules
+        self.rules = rules if options.fallback else QualityRules(temperatures=())
         self.tok = engine.tokenizer
         self.rate = engine.bundle.manifest.audio.sample_rate
         self.window = engine.bundle.manifest.audio.window_samples
