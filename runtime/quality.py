@@ -11,7 +11,7 @@ gives the model the chance to say what follows it.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from edgestream.runtime.decode import GreedyResult
@@ -40,6 +40,7 @@ class Judged:
     text: str
     temperature: float
     problems: tuple[str, ...]
+    silent: bool = False  # the model says the audio holds no speech: keep no text
 
     @property
     def ok(self) -> bool:
@@ -58,9 +59,19 @@ def judge(result: GreedyResult, text: str, temperature: float, rules: QualityRul
 
 
 def decode_with_fallback(decode: Callable[[float], GreedyResult], text: Callable[[GreedyResult],
-                         str], rules: QualityRules) -> Judged:
-    """`decode(temperature)` at 0 first, then at each fallback temperature until one passes."""
-    tried = [judge(first := decode(0.0), text(first), 0.0, rules)]
+                         str], rules: QualityRules,
+                         no_speech: Callable[[GreedyResult], float] | None = None) -> Judged:
+    """`decode(temperature)` at 0 first, then at each fallback temperature until one passes.
+
+    `no_speech(result)`: the model's probability that the audio holds no speech (Whisper). When
+    the greedy decode says "no speech" and is unsure of its words, the audio is silence and no
+    fallback runs (a fallback on noise only finds a more confident hallucination); when every
+    decode fails and the model said "no speech", it is silence too."""
+    first = decode(0.0)
+    tried = [judge(first, text(first), 0.0, rules)]
+    said_none = no_speech is not None and no_speech(first) > rules.no_speech_min
+    if said_none and first.avg_logprob < rules.avg_logprob_min:
+        return replace(tried[0], silent=True)
     for t in rules.temperatures:
         if tried[-1].ok:
             break
@@ -68,11 +79,7 @@ def decode_with_fallback(decode: Callable[[float], GreedyResult], text: Callable
         tried.append(judge(result, text(result), t, rules))
     if tried[-1].ok:
         return tried[-1]
+    if said_none:
+        return replace(tried[0], silent=True)
     unlooped = [j for j in tried if "loop" not in j.problems]
     return max(unlooped, key=lambda j: j.result.avg_logprob) if unlooped else tried[0]
-
-
-def is_silence(judged: Judged, no_speech_probability: float, rules: QualityRules) -> bool:
-    """Whisper's no-speech rule: the model says "no speech" and is not sure of any words."""
-    return (no_speech_probability > rules.no_speech_min
-            and judged.result.avg_logprob < rules.avg_logprob_min)

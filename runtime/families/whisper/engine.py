@@ -5,6 +5,7 @@ Used by both `transcribe` (whole files, window by window) and the LocalAgreement
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -202,6 +203,13 @@ class WhisperEngine:
             out = GreedyResult(out.tokens[:keep], False, out.logprobs[:keep], out.probe, True,
                                out.logits)
         return out
+
+    def text_scores(self, result: GreedyResult) -> GreedyResult:
+        """`result` judged on its words: timestamp and end tokens are near-certain formatting
+        that would lift the average log-probability of a short hallucination ("you") over the
+        quality threshold."""
+        kept = tuple(lp for tok, lp in zip(result.tokens, result.logprobs) if tok < self.eot)
+        return replace(result, logprobs=kept)
 
     def no_speech_probability(self, result: GreedyResult) -> float:
         """P(<|nocaptions|>) at the start of the transcript, 0 when the bundle cannot tell."""

@@ -25,7 +25,7 @@ from edgestream.runtime.families.whisper.agreement import LocalAgreement
 from edgestream.runtime.families.whisper.engine import WhisperEngine
 from edgestream.runtime.families.whisper.transcribe import split_segments
 from edgestream.runtime.gate import Hypothesis, LineText
-from edgestream.runtime.quality import QualityRules, decode_with_fallback, is_silence
+from edgestream.runtime.quality import QualityRules, decode_with_fallback
 
 STEP = 320  # samples per Whisper timestamp step (20 ms)
 
@@ -62,6 +62,7 @@ class _State:
     line_start: int | None  # None: no open line
     committed: list[int]
     previous: list[int] | None
+    scores: list[float]  # log-probabilities of the committed text tokens, when they were chosen
 
 
 class WhisperPolicy:
@@ -78,7 +79,7 @@ class WhisperPolicy:
         self.step = options.step_ms * self.rate // 1000
         self.tb = engine.timestamp_begin
         self.agreement = LocalAgreement(self._word_start, self.tb)
-        self.s = _State(np.zeros(0, np.float32), 0, [], None, [], None)
+        self.s = _State(np.zeros(0, np.float32), 0, [], None, [], None, [])
         self._word_cache: dict[int, bool] = {}
 
     # -- the gate's interface -----------------------------------------------------------------
@@ -92,18 +93,26 @@ class WhisperPolicy:
         preroll = self.options.preroll_ms * self.rate // 1000
         self._trim_idle()
         self.s.line_start = max(self.s.start, start - preroll)
+        self.s.scores = []
         self.agreement.reset()
 
     def partial(self) -> Hypothesis:
         result = self._decode(0.0)
+        if not self.s.context and self._no_speech(result):
+            return Hypothesis()  # noise that passed the VAD: show nothing, commit nothing
+        before = len(self.agreement.committed)
         hyp = self.agreement.committed + list(result.tokens)
         self.agreement.update(hyp)
+        new = len(self.agreement.committed) - before
+        self.s.scores += [lp for tok, lp in zip(result.tokens[:new], result.logprobs[:new])
+                          if tok < self.engine.eot]
         tentative = hyp[len(self.agreement.committed):]
         closed: list[LineText] = []
         while (segment := self.agreement.closed_segment()) is not None:
             start = self.s.start + segment.start_step * STEP
             end = self.s.start + segment.end_step * STEP
             self.agreement.trim(segment, shift=0)  # the buffer is kept: it is context now
+            self.s.scores = self.s.scores[len(segment.tokens):]
             self.s.context.append(_Said(segment.tokens, start, end))
             closed.append(LineText(self._text(segment.tokens), self.s.line_start or start, end))
             self.s.line_start = end
@@ -114,11 +123,17 @@ class WhisperPolicy:
     def final(self) -> LineText:
         line_start = self.s.line_start if self.s.line_start is not None else self.s.start
         end = self.s.start + self.s.audio.size
-        judged = decode_with_fallback(self._decode, lambda r: self._text(
-            self.agreement.committed + list(r.tokens)), self.rules)
+        def decode(temperature: float) -> GreedyResult:
+            # judged as the whole line: the committed tokens' scores count too
+            r = self.engine.text_scores(self._decode(temperature))
+            return replace(r, logprobs=tuple(self.s.scores) + r.logprobs)
+
+        # "no speech" is judged at the start of the window: only meaningful without context
+        judged = decode_with_fallback(decode, lambda r: self._text(
+            self.agreement.committed + list(r.tokens)), self.rules,
+            None if self.s.context else self.engine.no_speech_probability)
         tokens = self.agreement.committed + list(judged.result.tokens)
-        silent = not self.s.context and is_silence(
-            judged, self.engine.no_speech_probability(judged.result), self.rules)
+        silent = judged.silent
         said: list[_Said] = []
         if not silent:
             closed, tail = split_segments(tokens, self.tb)
@@ -133,10 +148,17 @@ class WhisperPolicy:
                 said.append(_Said(text, begin, end))
         self.s.context += said
         self.s.line_start = None
+        self.s.scores = []
         self.agreement.reset()
         self._trim_idle()
         text = " ".join(filter(None, (self._text(s.tokens) for s in said)))
         return LineText(text, line_start, end)
+
+    def _no_speech(self, result: GreedyResult) -> bool:
+        """Whisper's no-speech rule on a partial decode (the line's words so far included)."""
+        scores = self.s.scores + list(self.engine.text_scores(result).logprobs)
+        return (self.engine.no_speech_probability(result) > self.rules.no_speech_min
+                and bool(scores) and float(np.mean(scores)) < self.rules.avg_logprob_min)
 
     def full(self) -> bool:
         if self.s.audio.size < self.window - self.step:
@@ -148,16 +170,17 @@ class WhisperPolicy:
     def snapshot(self) -> Any:
         s = self.s
         return replace(s, context=list(s.context), committed=list(self.agreement.committed),
+                       scores=list(s.scores),
                        previous=None if self.agreement.previous is None
                        else list(self.agreement.previous))
 
     def restore(self, snapshot: Any) -> None:
-        self.s = replace(snapshot, context=list(snapshot.context))
+        self.s = replace(snapshot, context=list(snapshot.context), scores=list(snapshot.scores))
         self.agreement.committed = list(snapshot.committed)
         self.agreement.previous = None if snapshot.previous is None else list(snapshot.previous)
 
     def forget(self, resume_at: int) -> None:
-        self.s = _State(np.zeros(0, np.float32), resume_at, [], None, [], None)
+        self.s = _State(np.zeros(0, np.float32), resume_at, [], None, [], None, [])
         self.agreement.reset()
 
     # -- internals ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from edgestream.runtime.decode import GreedyResult
 from edgestream.runtime.families.whisper.engine import WhisperEngine
 from edgestream.runtime.transcript import Segment, Transcript
-from edgestream.runtime.quality import QualityRules, decode_with_fallback, is_silence
+from edgestream.runtime.quality import QualityRules, decode_with_fallback
 
 STEP_S = 0.02  # one timestamp token
 
@@ -53,14 +53,15 @@ def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRul
         engine.encode(piece)
 
         def decode(t: float) -> GreedyResult:
-            return engine.decode(timestamps=True, max_repeats=max_repeats, temperature=t,
+            return engine.text_scores(engine.decode(timestamps=True, max_repeats=max_repeats, temperature=t,
                                  previous=previous if condition_on_previous else (),
-                                 seed=seek)
+                                 seed=seek))
 
         judged = decode_with_fallback(
-            decode, lambda r: tok.decode(engine.text_tokens(r.tokens)).strip(), rules)
+            decode, lambda r: tok.decode(engine.text_tokens(r.tokens)).strip(), rules,
+            engine.no_speech_probability)
         fallbacks += judged.temperature > 0
-        if is_silence(judged, engine.no_speech_probability(judged.result), rules):
+        if judged.silent:
             seek += piece.size
             continue
         closed, open_tail = split_segments(list(judged.result.tokens), tb)

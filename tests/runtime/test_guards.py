@@ -1,0 +1,78 @@
+"""Guards that keep the words: a phrase really said six times is written six times and what
+follows it is kept (offline and streaming), a repetition faster than speech is a loop, and noise
+at speech level that passes the VAD produces no text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import references, speech_dir
+from edgestream.export.wer import normalize, word_error_rate
+from edgestream.runtime import load
+from edgestream.runtime.audio.wav import read_wav, to_mono
+from edgestream.runtime.families.whisper.engine import _SegmentLoopGuard
+
+pytestmark = pytest.mark.slow
+RATE = 16000
+CLIP = "repeats_beckett.wav"  # the first 1.3 s of arctic_a0009 six times, then beckett.wav
+BECKETT = "ever tried ever failed no matter try again fail again fail better"
+
+
+def check_keeps_the_words(text: str) -> None:
+    words = " ".join(normalize(text))
+    assert words.count("turned sharply") >= 6, text  # every repeat, none cut by a loop guard
+    assert BECKETT in words, text  # and everything that follows the repeats
+    assert word_error_rate([references()[CLIP]], [text]) <= 0.12, text
+
+
+def test_transcribe_keeps_every_repeat_and_what_follows(real_bundle: Path) -> None:
+    audio = to_mono(read_wav(speech_dir() / CLIP).samples)
+    check_keeps_the_words(load(real_bundle, provider="cpu").transcribe(audio, RATE))
+
+
+def test_streaming_keeps_every_repeat_and_what_follows(real_bundle: Path) -> None:
+    audio = to_mono(read_wav(speech_dir() / CLIP).samples)
+    stream = load(real_bundle, provider="cpu").stream()
+    events = [e for i in range(0, audio.size, 2048) for e in stream.feed(audio[i: i + 2048],
+                                                                          RATE)]
+    events += stream.finish()
+    check_keeps_the_words(" ".join(e.text for e in events if e.type == "final"))
+
+
+def noise(kind: str, seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(int(seconds * RATE))
+    if kind == "brown":  # integrated white noise, its drift removed: rumble-like, speech-band
+        x = np.cumsum(x)
+        x -= np.convolve(x, np.ones(400) / 400, mode="same")
+    return (x / np.sqrt(np.mean(x ** 2)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["white", "brown"])
+@pytest.mark.parametrize("dbfs", [-30.0, -20.0, -12.0])
+def test_noise_at_speech_level_gives_no_text(real_bundle: Path, kind: str, dbfs: float) -> None:
+    model = load(real_bundle, provider="cpu")
+    audio = noise(kind, 6.0, dbfs)
+    assert model.transcribe(audio, RATE) == ""
+    stream = model.stream(vad="energy")  # the energy gate lets this noise through
+    events = stream.feed(audio, RATE) + stream.finish()
+    assert any(e.type == "speech_started" for e in events), "the VAD did not pass the noise"
+    assert [e.text for e in events if e.type in ("partial", "final")] in ([""], []), events
+
+
+def test_repetition_faster_than_speech_is_a_loop() -> None:
+    """Timestamp-mode guard on token sequences (timestamps from 100, 20 ms each): a segment that
+    repeats an n-gram more than 4 times is made to close; its closing timestamp decides."""
+    guard = _SegmentLoopGuard(timestamp_begin=100, max_repeats=4, forced=[])
+    phrase = [1, 2, 3]
+    opened = [100] + phrase * 5
+    assert guard.must_close(opened)
+    assert not guard.must_close([100] + phrase * 4)
+    # 15 tokens in 4 s: five times a spoken phrase
+    assert not guard.runaway(opened + [100 + 200])
+    # 15 tokens in 0.1 s: no one speaks that fast
+    assert guard.runaway(opened + [100 + 5])
+    # the runaway segment starts at its opening timestamp: everything before it is kept
+    assert guard.segment_start([100, 7, 8, 150, 150] + phrase * 5 + [155]) == 4
