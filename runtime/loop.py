@@ -57,7 +57,7 @@ class Stoppable(Protocol):
 def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopConfig,
              stop: StopFlag | None = None) -> int:
     """Stream `source` until it ends, stops or fails; returns the exit code (0 ok, 1 fault)."""
-    stop = stop or StopFlag()
+    stop = stop if stop is not None else StopFlag()
     rate = source.sample_rate
     started = time.monotonic()
     fed = 0  # source frames fed or lost
