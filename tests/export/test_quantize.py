@@ -172,7 +172,7 @@ def test_real_tiny_en_int8(real_bundle: Path, tmp_path: Path) -> None:
     for rep in range(3):
         for name, engine in engines.items():
             t = time.perf_counter()
-            hyps = [transcribe_audio(engine, a) for a in audio]
+            hyps = [transcribe_audio(engine, a).text for a in audio]
             times[name].append(time.perf_counter() - t)
             wer[name] = word_error_rate([refs[c] for c in HUMAN_CLIPS], hyps)
 
