@@ -83,7 +83,8 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
             if stream.gate.now >= next_stats:
                 sinks.emit([stream.stats_event(**_source_stats(source), max_lag_s=round(
                     max_lag, 3))])
-                next_stats += config.stats_every_s
+                # past the current time (a gap can jump several intervals at once)
+                next_stats = (stream.gate.now // config.stats_every_s + 1) * config.stats_every_s
             if stop or sinks.closed:
                 break
         if getattr(source, "lost", False):

@@ -60,7 +60,8 @@ class FileSource:
         i = 0
         while i < samples.shape[0] and not self._stop:
             if self.realtime:
-                arrived = int((time.monotonic() - start) * self.sample_rate)
+                arrived = min(int((time.monotonic() - start) * self.sample_rate),
+                              samples.shape[0])
                 if arrived - i > self.backlog + self.block_frames:
                     # the capture queue would be full: its oldest blocks are gone
                     lost = (arrived - self.backlog - i) // self.block_frames * self.block_frames

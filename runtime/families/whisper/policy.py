@@ -206,16 +206,36 @@ class WhisperPolicy:
         return forced
 
     def _decode(self, temperature: float) -> GreedyResult:
+        """The line decoded after its context. Forced context can make Whisper end the text
+        right after the last closed segment; a line the VAD heard as speech is then decoded
+        without the forced context (its text still conditions the decoder, behind
+        <|startofprev|>), so no line is lost to the context that should help it."""
+        result = self._decode_with(temperature, forced_context=True)
+        if self.s.context and not self.agreement.committed and \
+                not any(t < self.engine.eot for t in result.tokens):
+            result = self._decode_with(temperature, forced_context=False)
+        return result
+
+    def _decode_with(self, temperature: float, forced_context: bool) -> GreedyResult:
         s = self.s
         context = self._forced_context()
         # a tiny decoder (short static KV) cannot take much context text: drop the oldest
         while context and len(context) + len(self.engine.prompt) > self.engine.t_max // 2:
             s.context.pop(0)
             context = self._forced_context()
-        self.engine.encode(s.audio)
         line_s = (s.start + s.audio.size - (s.line_start or s.start)) / self.rate
         budget = int(line_s * self.options.tokens_per_second) + 8
         committed = self.agreement.committed
+        if not forced_context:  # the window starts at the line; timestamps are moved back
+            offset = max(0, ((s.line_start or s.start) - s.start) // STEP)
+            self.engine.encode(s.audio[offset * STEP:])
+            text = [t for said in s.context for t in said.tokens]
+            r = self.engine.decode(timestamps=True, max_new=budget, previous=text,
+                                   max_repeats=self.options.max_repeats,
+                                   temperature=temperature, seed=s.start)
+            tokens = tuple(t + offset if t >= self.tb else t for t in r.tokens)
+            return replace(r, tokens=tuple(min(t, self.tb + 1500) for t in tokens))
+        self.engine.encode(s.audio)
         previous = self.agreement.previous or []
         hint = previous[len(committed):] if previous[: len(committed)] == committed else []
         return self.engine.decode(context + committed, timestamps=True, max_new=budget,
