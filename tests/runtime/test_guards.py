@@ -76,3 +76,23 @@ def test_repetition_faster_than_speech_is_a_loop() -> None:
     assert guard.runaway(opened + [100 + 5])
     # the runaway segment starts at its opening timestamp: everything before it is kept
     assert guard.segment_start([100, 7, 8, 150, 150] + phrase * 5 + [155]) == 4
+
+
+def test_context_never_costs_a_line(real_bundle: Path) -> None:
+    """One stream over two recordings: the second is read with the first as context, and not
+    one of its lines comes out empty (forced context can make Whisper end its text early)."""
+    first = to_mono(read_wav(speech_dir() / "arctic_a0009.wav").samples)
+    second = to_mono(read_wav(speech_dir() / "two_cities.wav").samples)
+    # cut after "incredulity": the quietest 50 ms between 12.8 and 13.8 s
+    frames = second[int(12.8 * RATE): int(13.8 * RATE)].reshape(-1, 800)
+    second = second[: int(12.8 * RATE) + 800 * int(np.argmin(np.square(frames).mean(axis=1)))]
+    audio = np.concatenate([first, np.zeros(RATE, np.float32), second])
+    stream = load(real_bundle, provider="cpu").stream()
+    events = [e for i in range(0, audio.size, 2048) for e in stream.feed(audio[i: i + 2048],
+                                                                          RATE)]
+    finals = [e for e in events + stream.finish() if e.type == "final"]
+    assert all(f.text for f in finals), finals
+    reference = (references()["arctic_a0009.wav"] + " It was the best of times, it was the "
+                 "worst of times, it was the age of wisdom, it was the age of foolishness, it "
+                 "was the epoch of belief, it was the epoch of incredulity")
+    assert word_error_rate([reference], [" ".join(f.text for f in finals)]) <= 0.08, finals
