@@ -25,7 +25,7 @@ import numpy as np
 
 from edgestream.runtime.audio.resample import StreamingResampler
 from edgestream.runtime.bundle import Bundle
-from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
+from edgestream.runtime.errors import AudioInputError, OptionError
 from edgestream.runtime.events.stats import StreamStats
 from edgestream.runtime.events.types import Event, Stats
 from edgestream.runtime.families import Family, all_families, lookup

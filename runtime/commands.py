@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgestream.runtime.api import Model, load
-from edgestream.runtime.audio.sources import DEFAULT_BACKLOG_S, AudioSource, FileSource, PcmStdinSource
+from edgestream.runtime.audio.sources import (DEFAULT_BACKLOG_S, AudioSource, FileSource,
+                                              PcmStdinSource)
 from edgestream.runtime.audio.wav import read_wav
 from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
 from edgestream.runtime.events.sinks import CaptionSink, JsonlSink, SinkSet

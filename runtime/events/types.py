@@ -96,7 +96,8 @@ class Notice:
     type: str = "notice"
 
 
-Event = Union[Ready, SpeechStarted, Partial, Final, Stats, ErrorEvent, Notice, Gap]
+Event = Union[Ready, SpeechStarted, Partial, Final, Stats, ErrorEvent, Notice,
+              Gap]
 
 
 def to_json(event: Event) -> str:

@@ -18,7 +18,6 @@ from edgestream.runtime.state import StateStore
 
 torch = pytest.importorskip("torch")
 
-from conftest import MOONSHINE_WINDOWS as WINDOWS
 MAX_MEMORY, MAX_TOKENS = 640, 48
 BLOCK = 16  # the recipe's default decoder_block size
 SPEECH_CLIP = "two_cities.wav"

@@ -53,9 +53,9 @@ def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRul
         engine.encode(piece)
 
         def decode(t: float) -> GreedyResult:
-            return engine.text_scores(engine.decode(timestamps=True, max_repeats=max_repeats, temperature=t,
-                                 previous=previous if condition_on_previous else (),
-                                 seed=seek))
+            return engine.text_scores(engine.decode(
+                timestamps=True, max_repeats=max_repeats, temperature=t, seed=seek,
+                previous=previous if condition_on_previous else ()))
 
         judged = decode_with_fallback(
             decode, lambda r: tok.decode(engine.text_tokens(r.tokens)).strip(), rules,
