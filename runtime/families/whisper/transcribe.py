@@ -84,8 +84,11 @@ def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRul
                 start = seek / rate + (closed[-1][1] * STEP_S if closed else 0.0)
                 segments.append(Segment(start, (seek + piece.size) / rate, words))
             advance = piece.size
-        elif not open_tail or int(advance) <= 0:
-            advance = piece.size  # everything closed (or no progress possible): next window
+        elif int(advance) <= 0 or (not open_tail and piece.size - advance < rate):
+            # everything closed up to the window's end (or no progress possible): next window.
+            # A text that ends well before the window does is not trusted to mean silence:
+            # the next window starts there, and really silent audio decodes to nothing.
+            advance = piece.size
         seek += int(advance)
         if judged.temperature <= 0.5:
             previous = list(spoken)
