@@ -81,6 +81,7 @@ class WhisperPolicy:
         self.agreement = LocalAgreement(self._word_start, self.tb)
         self.s = _State(np.zeros(0, np.float32), 0, [], None, [], None, [])
         self._word_cache: dict[int, bool] = {}
+        self._encoded: tuple[int, int] | None = None  # (start, samples) the engine holds
 
     # -- the gate's interface -----------------------------------------------------------------
 
@@ -228,20 +229,28 @@ class WhisperPolicy:
         committed = self.agreement.committed
         if not forced_context:  # the window starts at the line; timestamps are moved back
             offset = max(0, ((s.line_start or s.start) - s.start) // STEP)
-            self.engine.encode(s.audio[offset * STEP:])
+            self._encode(s.audio[offset * STEP:], s.start + offset * STEP)
             text = [t for said in s.context for t in said.tokens]
             r = self.engine.decode(timestamps=True, max_new=budget, previous=text,
                                    max_repeats=self.options.max_repeats,
                                    temperature=temperature, seed=s.start)
             tokens = tuple(t + offset if t >= self.tb else t for t in r.tokens)
             return replace(r, tokens=tuple(min(t, self.tb + 1500) for t in tokens))
-        self.engine.encode(s.audio)
+        self._encode(s.audio, s.start)
         previous = self.agreement.previous or []
         hint = previous[len(committed):] if previous[: len(committed)] == committed else []
         return self.engine.decode(context + committed, timestamps=True, max_new=budget,
                                   max_repeats=self.options.max_repeats,
                                   hint=hint if temperature == 0 else (),
                                   temperature=temperature, seed=s.start)
+
+    def _encode(self, audio: np.ndarray, start: int) -> None:
+        """Encode the window unless the engine holds exactly this audio already (a fallback
+        decode at another temperature reads the same encoder output)."""
+        key = (start, audio.size)
+        if key != self._encoded:
+            self.engine.encode(audio)
+            self._encoded = key
 
     def _trim_idle(self) -> None:
         """No open line: keep the context that is recent enough, or just the pre-roll."""
