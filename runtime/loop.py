@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 from edgestream.runtime.api import Stream
 from edgestream.runtime.audio.sources import AudioSource
@@ -48,10 +47,6 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self._event.is_set()
-
-
-class Stoppable(Protocol):
-    def request_stop(self) -> None: ...
 
 
 def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopConfig,
