@@ -84,19 +84,34 @@ def test_streams_fed_from_threads_equal_each_alone(tiny_moonshine_bundle: Path) 
 
 
 def test_a_second_stream_costs_its_state_not_the_weights(real_bundle: Path) -> None:
+    """Each further stream adds its state bytes plus at most 5 MB of resident memory. Resident
+    memory is noisy (allocator arenas, onnxruntime's scratch buffers), so two further streams
+    are added one after the other and the smaller growth is judged: a copy of the weights
+    would show in both."""
+    import gc
+
     model = load(real_bundle, provider="cpu", threads=2)
     audio = clip("arctic_a0009.wav")
     run_alone(model, audio)  # warm: sessions, arenas, caches
     run_alone(model, audio)
-    before = rss_bytes()
-    second = model.stream()
-    events = [e for i in range(0, audio.size, 1024) for e in second.feed(audio[i: i + 1024], RATE)]
-    events += second.finish()
-    grown = rss_bytes() - before
+    kept = [model.stream()]  # the first stream stays alive
+    run_alone(model, audio)
+    growth = []
+    for _ in range(2):
+        gc.collect()
+        before = rss_bytes()
+        stream = model.stream()
+        events = [e for i in range(0, audio.size, 1024)
+                  for e in stream.feed(audio[i: i + 1024], RATE)]
+        events += stream.finish()
+        gc.collect()
+        growth.append(rss_bytes() - before)
+        kept.append(stream)
+        assert any(e.type == "final" and e.text for e in events)
+    state = kept[-1].state_bytes
     weights = sum((real_bundle / f).stat().st_size for f in ("encoder.onnx", "decoder.onnx"))
-    assert second.state_bytes < weights / 4  # the bound below would not catch a weight copy
-    assert grown <= second.state_bytes + 5 * 2**20, (grown, second.state_bytes)
-    assert any(e.type == "final" and e.text for e in events)
+    assert state < weights / 4  # the bound below would not catch a weight copy otherwise
+    assert min(growth) <= state + 5 * 2**20, (growth, state)
 
 
 @pytest.mark.parametrize("name", ["beckett.wav", "two_cities.wav"])
