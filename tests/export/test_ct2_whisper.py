@@ -20,7 +20,7 @@ from edgestream.export.whisper.ct2 import (
 )
 from edgestream.export.errors import ExportError
 
-from conftest import speech_dir  # the shared lookup: env, ../shared, /work/shared
+from conftest import speech_dir  # the clips in tests/data/speech
 CLIPS = ("beckett.wav", "arctic_a0007.wav", "arctic_a0009.wav")
 
 
