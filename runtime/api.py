@@ -208,6 +208,13 @@ class Stream:
             events = self._chunks(np.zeros(0, np.float32), flush=True)
             return events + self.gate.gap(int(round(seconds * self.model.sample_rate)))
 
+    def end_line(self, reason: str) -> list[Event]:
+        """Finalize the open line now (the input stopped, e.g. the device was lost); the stream
+        goes on with the next audio."""
+        with self._lock:
+            events = self._chunks(np.zeros(0, np.float32), flush=True)
+            return events + self.gate.finish(reason)
+
     def finish(self, reason: str = "end_of_input") -> list[Event]:
         """End of input: the last partial chunk and the open line are flushed."""
         with self._lock:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgestream.runtime.api import Model, load
 from edgestream.runtime.audio.sources import (DEFAULT_BACKLOG_S, AudioSource, FileSource,
@@ -16,8 +16,12 @@ from edgestream.runtime.audio.wav import read_wav
 from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
 from edgestream.runtime.events.sinks import CaptionSink, JsonlSink, SinkSet
 from edgestream.runtime.events.types import Ready
-from edgestream.runtime.loop import LoopConfig, StopFlag, run_loop
+from edgestream.runtime.loop import LoopConfig, LoopStatus, StopFlag, run_loop
 from edgestream.runtime.session import resolve_providers
+from edgestream.runtime.service.command import register as register_service
+from edgestream.runtime.service.config import DEFAULT_ADDRESS, ServerConfig, check_address
+from edgestream.runtime.service.main import Kiosk
+from edgestream.runtime.signals import handle_signals
 from edgestream.runtime.subtitles import FORMATS, render
 
 # CLI flag -> stream option; only flags the user gave are passed, so the model can say which
@@ -80,9 +84,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--realtime", action="store_true", help="pace a file like a microphone")
     p.add_argument("--stdin-rate", type=int, default=16000)
     p.add_argument("--stdin-channels", type=int, default=1)
+    p.add_argument("--serve", nargs="?", const=DEFAULT_ADDRESS, metavar="HOST:PORT",
+                   help=f"also serve the kiosk page, events, /healthz and /metrics (default "
+                        f"{DEFAULT_ADDRESS}); with file input the page stays up until stopped")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="let --serve bind an address other machines can reach")
+    p.add_argument("--reconnect", action="store_true",
+                   help="mic: when the device is lost, reopen it with backoff instead of "
+                        "exiting with code 3 (what the service does)")
     add_stream_args(p)
     add_session_args(p)
     p.set_defaults(handler=run)
+    register_service(sub)
 
 
 def transcribe(args: argparse.Namespace) -> int:
@@ -112,6 +125,11 @@ def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str, bool
                                   f"{args.stdin_channels} is not a usable PCM format; give the "
                                   "rate in Hz (e.g. 16000) and the channel count (e.g. 1)")
         return PcmStdinSource(args.stdin_rate, args.stdin_channels), "stdin (s16le)", True
+    if args.input == "mic" and args.reconnect:
+        from edgestream.runtime.audio.field_mic import ReopeningMic
+
+        mic = ReopeningMic(args.device, rate, backlog_s=args.backlog_s)
+        return mic, f"mic: {args.device or 'default'} (reopened when lost)", True
     if args.input == "mic":
         from edgestream.runtime.audio.mic import MicSource, resolve_device
 
@@ -125,20 +143,30 @@ def _source(args: argparse.Namespace, rate: int) -> tuple[AudioSource, str, bool
 
 
 def serve(model: Model, source: AudioSource, label: str, live: bool,
-          args: argparse.Namespace) -> int:
-    """Stream `source` through a new stream of `model` to stdout until it ends or is stopped."""
+          args: argparse.Namespace, kiosk: Kiosk | None = None) -> int:
+    """Stream `source` through a new stream of `model` to stdout (and the kiosk page) until it
+    ends or is stopped."""
     stream = model.stream(**stream_options(args, live))
-    sinks = SinkSet([JsonlSink() if args.jsonl else CaptionSink()])
+    status = kiosk.status if kiosk is not None else LoopStatus()
+    sinks = SinkSet([JsonlSink() if args.jsonl else CaptionSink()] +
+                    ([kiosk.hub] if kiosk is not None else []))
     m = model.bundle.manifest
     sinks.emit([Ready(str(model.bundle.root), m.family, m.pipeline, model.provider,
                       model.sample_rate, label)])
     stop = StopFlag()
-    restore = _handle_signals(stop, source)
+    restore = handle_signals(stop, source)
+    if kiosk is not None:
+        kiosk.start(sinks)
+        print(f"[kiosk] {kiosk.url}", file=sys.stderr, flush=True)
     try:
-        code = run_loop(source, stream, sinks, LoopConfig(args.stats_every, live), stop)
+        code = run_loop(source, stream, sinks, LoopConfig(args.stats_every, live), stop, status)
+        while kiosk is not None and not stop and code == 0 and not sinks.closed:
+            time.sleep(0.2)  # the input ended: the page stays up until Ctrl-C or SIGTERM
     finally:
         restore()
         sinks.close()
+        if kiosk is not None:
+            kiosk.stop()
     if sinks.closed:  # the reader went away: end quietly, with nothing more written to it
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno()) if _has_fileno(sys.stdout) else None
@@ -155,49 +183,6 @@ def _has_fileno(f: Any) -> bool:
         return False
 
 
-def _handle_signals(stop: StopFlag, source: AudioSource) -> Callable[[], None]:
-    """SIGTERM and the first Ctrl-C stop capture (the line is finalized, exit 0); a second
-    Ctrl-C exits at once. Python runs signal handlers only between bytecodes of the main thread,
-    so a long onnxruntime call would delay them: the signals are also written to a wakeup pipe
-    that a watcher thread reads the moment they arrive. Only the main thread can install
-    handlers; elsewhere nothing changes."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-
-    def watch() -> None:
-        interrupts = 0
-        while data := os.read(read_fd, 64):
-            for signum in data:
-                if signum == signal.SIGINT:
-                    interrupts += 1
-                    if interrupts > 1:
-                        os._exit(130)
-                stop.set("shutdown")
-                source.request_stop()
-
-    def on_signal(signum: int, frame: Any) -> None:  # the watcher does the work
-        stop.set("shutdown")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=watch, name="edgestream-signals", daemon=True)
-    watcher.start()
-
-    def restore() -> None:
-        signal.set_wakeup_fd(previous_fd)
-        for s, h in previous.items():
-            signal.signal(s, h)
-        os.close(write_fd)  # the watcher reads end-of-file and ends
-        watcher.join(1.0)
-        os.close(read_fd)
-
-    return restore
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list_devices:
         from edgestream.runtime.audio.mic import list_input_devices
@@ -212,7 +197,18 @@ def run(args: argparse.Namespace) -> int:
         raise AudioInputError(f"{args.input}: no such file (use --input mic, a WAV file, or -)")
     if args.backlog_s <= 0:
         raise OptionError(f"--backlog-s {args.backlog_s}: give a positive number of seconds")
-    model = load(args.bundle, args.provider, args.threads)
-    model.stream(**stream_options(args, False))  # options checked before a device is opened
-    source, label, live = _source(args, model.sample_rate)
-    return serve(model, source, label, live, args)
+    kiosk = None
+    if args.serve is not None:  # bound before the model loads: a port in use fails at once
+        check_address(args.serve, args.allow_remote, "--serve")
+        server = ServerConfig()
+        kiosk = Kiosk.bind(args.serve, server.history, server.max_clients, LoopStatus(),
+                           "--serve")
+    try:
+        model = load(args.bundle, args.provider, args.threads)
+        model.stream(**stream_options(args, False))  # options checked before a device is opened
+        source, label, live = _source(args, model.sample_rate)
+    except BaseException:
+        if kiosk is not None:
+            kiosk.server.server_close()
+        raise
+    return serve(model, source, label, live, args, kiosk)

@@ -9,6 +9,10 @@
 - A stop request (SIGTERM, the first Ctrl-C) ends capture; the open line is finalized and the
   sinks are flushed. An exception in a step becomes a fatal `error` event.
 - Statistics live in fixed-size histograms: weeks of audio do not grow memory.
+- A source that survives device loss (`ReopeningMic`) reports `mic_lost` / `mic_restored`: the
+  open line is finalized at the loss and the hole becomes a gap, so no line spans it. An empty
+  block is the source saying "alive, nothing to read" (it waits for the device), so the
+  heartbeat (the systemd watchdog ping) keeps going while a stalled step stops it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from edgestream.runtime.api import Stream
 from edgestream.runtime.audio.sources import AudioSource
@@ -32,6 +37,21 @@ BEHIND_S = 1.0  # live lag above which partials pause
 class LoopConfig:
     stats_every_s: float = 0.0
     live: bool = False  # the source is paced by a clock: measure lag against it
+
+
+@dataclass
+class LoopStatus:
+    """What the loop last did; /healthz and /metrics read it from other threads (plain
+    attribute writes, no lock: a reader may see a value one block old)."""
+
+    stream: Stream | None = None
+    source: AudioSource | None = None
+    last_block_at: float = field(default_factory=time.monotonic)  # monotonic
+    lag_s: float = 0.0
+    max_lag_s: float = 0.0
+    mic_up: bool = True
+    mic_losses: int = 0
+    running: bool = False
 
 
 class StopFlag:
@@ -50,9 +70,13 @@ class StopFlag:
 
 
 def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopConfig,
-             stop: StopFlag | None = None) -> int:
-    """Stream `source` until it ends, stops or fails; returns the exit code (0 ok, 1 fault)."""
+             stop: StopFlag | None = None, status: LoopStatus | None = None,
+             heartbeat: Callable[[], None] = lambda: None) -> int:
+    """Stream `source` until it ends, stops or fails; returns the exit code (0 ok, 1 fault).
+    `heartbeat` is called after every block the loop handled (and while the source waits)."""
     stop = stop if stop is not None else StopFlag()
+    status = status if status is not None else LoopStatus()
+    status.stream, status.source, status.running = stream, source, True
     rate = source.sample_rate
     started = time.monotonic()
     fed = 0  # source frames fed or lost
@@ -61,6 +85,14 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
     code = 0
     try:
         for block in source:
+            for kind, message in _take_notices(source):
+                _device_notice(kind, message, stream, sinks, status)
+            status.last_block_at = time.monotonic()
+            heartbeat()
+            if not block.shape[0]:  # the source is waiting (for a lost device to return)
+                if stop or sinks.closed:
+                    break
+                continue
             gap = source.take_gap()
             if gap:
                 fed += gap
@@ -70,6 +102,7 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
             if config.live:
                 lag = time.monotonic() - started - fed / rate
                 max_lag = max(max_lag, lag)
+                status.lag_s, status.max_lag_s = lag, max_lag
                 if (lag > BEHIND_S) != stream.behind:
                     stream.behind = lag > BEHIND_S
                     sinks.emit([Notice(stream.gate.now, "behind" if stream.behind else
@@ -92,9 +125,29 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
         sinks.emit([ErrorEvent(stream.gate.now, f"{type(e).__name__}: {e}", fatal=True)])
         code = 1
     finally:
+        status.running = False
         source.close()
     sinks.emit([stream.stats_event(**_source_stats(source), max_lag_s=round(max_lag, 3))])
     return code
+
+
+def _take_notices(source: AudioSource) -> list[tuple[str, str]]:
+    take = getattr(source, "take_notices", None)
+    return take() if take is not None else []
+
+
+def _device_notice(kind: str, message: str, stream: Stream, sinks: SinkSet,
+                   status: LoopStatus) -> None:
+    """A lost device finalizes the open line now (its words are not held hostage until the
+    device returns); the hole itself arrives as a gap with the first block after it."""
+    sinks.emit([Notice(stream.gate.now, kind, message)])
+    if kind == "mic_lost":
+        status.mic_up = False
+        status.mic_losses += 1
+        sinks.emit(stream.end_line("mic_lost"))
+    elif kind == "mic_restored":
+        status.mic_up = True
+    log.warning("%s: %s", kind, message)
 
 
 def _source_stats(source: AudioSource) -> dict[str, int]:

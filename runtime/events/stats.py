@@ -6,6 +6,7 @@ about 5 %), counters are plain integers.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -17,10 +18,13 @@ class Histogram:
 
     RATIO = 1.1  # bucket width: percentiles are within 10 % (reported at the bucket's middle)
     LOW = 0.01
+    # exact counts at round bounds, for Prometheus (`le` in ms; the last bucket is +Inf)
+    BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
     def __init__(self) -> None:
         n = int(math.log(1e7 / self.LOW) / math.log(self.RATIO)) + 2
         self.counts = np.zeros(n, dtype=np.int64)
+        self.coarse = np.zeros(len(self.BOUNDS_MS) + 1, dtype=np.int64)
         self.total = 0.0
         self.n = 0
         self.max = 0.0
@@ -29,6 +33,7 @@ class Histogram:
         v = max(value, self.LOW)
         i = min(self.counts.size - 1, int(math.log(v / self.LOW) / math.log(self.RATIO)) + 1)
         self.counts[i] += 1
+        self.coarse[bisect.bisect_left(self.BOUNDS_MS, value)] += 1
         self.total += value
         self.n += 1
         self.max = max(self.max, value)

@@ -50,7 +50,8 @@ class Partial:
 class Final:
     """A finished line; every line ends with exactly one. `reason`: endpoint, segment (Whisper
     closed it mid-speech), window (the model's window or memory was full), gap (input was lost
-    after it), end_of_input, shutdown, or retracted (words were shown, the final has none)."""
+    after it), end_of_input, shutdown, mic_lost (the capture device went away), or retracted
+    (words were shown, the final has none)."""
 
     line: int
     t: float
