@@ -55,4 +55,5 @@ def service(args: argparse.Namespace) -> int:
             section, _, name = key.rpartition(".")
             (data.setdefault(section, {}) if section else data)[name] = value
         config = service_config.parse(data, "command line")
-    return run_service(config, started)
+    return run_service(config, started,
+                       origin=str(args.config) if args.config else "command line")

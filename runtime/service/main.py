@@ -24,7 +24,8 @@ from edgestream.runtime.events.types import (ErrorEvent, Event, Final, Gap, Noti
                                               Stats)
 from edgestream.runtime.loop import LoopConfig, LoopStatus, StopFlag, run_loop
 from edgestream.runtime.service import metrics
-from edgestream.runtime.service.config import ServiceConfig, split_address
+from edgestream.runtime.errors import OptionError
+from edgestream.runtime.service.config import ConfigError, ServiceConfig, split_address
 from edgestream.runtime.service.hub import EventHub
 from edgestream.runtime.service.notify import Notifier
 from edgestream.runtime.service.server import KioskServer, bind
@@ -131,8 +132,9 @@ def open_source(config: ServiceConfig, rate: int) -> tuple[AudioSource, str]:
 
 
 def run_service(config: ServiceConfig, started: float, notifier: Notifier | None = None,
-                keep_serving: bool = True) -> int:
-    """The whole service life; returns the exit code (0 after SIGTERM)."""
+                keep_serving: bool = True, origin: str = "config") -> int:
+    """The whole service life; returns the exit code (0 after SIGTERM). `origin` names the
+    config file in errors."""
     notifier = notifier or Notifier()
     status = LoopStatus()
     kiosk = None
@@ -142,7 +144,10 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
     try:
         loaded_at = time.monotonic()
         model = load(config.bundle, config.provider, config.threads)
-        stream = model.stream(**{**config.stream, "live": True})  # options checked here
+        try:
+            stream = model.stream(**{**config.stream, "live": True})
+        except OptionError as e:
+            raise ConfigError(f"{origin}: [stream]: {e}") from None
         warm_s = warm_up(model)
         source, label = open_source(config, model.sample_rate)
     except BaseException:
