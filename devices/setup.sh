@@ -13,15 +13,25 @@ python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
   echo "edgestream needs Python 3.10 or newer; found $("$python" --version 2>&1)" >&2; exit 1; }
 
-# pyaudio has no Linux wheels: it compiles against PortAudio's headers.
-if [ ! -e /usr/include/portaudio.h ]; then
+# System packages: pyaudio has no Linux wheels (it compiles against PortAudio's headers); the
+# tests also drive the kiosk page in Debian's Chromium and check the unit with systemd's tools.
+need_pkgs=()
+[ -e /usr/include/portaudio.h ] || need_pkgs+=(portaudio19-dev)
+if [ "$mode" = test ]; then
+  command -v chromium >/dev/null || need_pkgs+=(chromium)
+  command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
+  command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
+  command -v useradd >/dev/null || need_pkgs+=(passwd)
+fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    echo "installing PortAudio headers (portaudio19-dev) for pyaudio..." >&2
-    $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq portaudio19-dev >/dev/null
+    echo "installing ${need_pkgs[*]} with apt..." >&2
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
   else
-    echo "pyaudio needs PortAudio's headers and a C compiler: install portaudio19-dev (Debian," \
-         "Ubuntu, JetPack) or portaudio (Homebrew, dnf), then rerun" >&2
+    echo "missing system packages: ${need_pkgs[*]} (Debian names); pyaudio needs PortAudio's" \
+         "headers (portaudio19-dev, or portaudio on Homebrew/dnf). Install them, then rerun" >&2
     exit 1
   fi
 fi
@@ -34,7 +44,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
 case "$mode" in
   demo) exec .venv/bin/edgestream demo ;;
-  test) exec .venv/bin/python -m pytest -q ;;
+  test) EDGESTREAM_SYSTEM_TESTS=required exec .venv/bin/python -m pytest -q ;;
   setup) echo "ready: .venv/bin/edgestream --help" ;;
   *) echo "unknown mode $mode (use demo, test or nothing)" >&2; exit 2 ;;
 esac

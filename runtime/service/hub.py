@@ -98,7 +98,8 @@ class EventHub:
     def subscribe(self, last_event_id: str) -> tuple[Subscriber, dict[str, object],
                                                      list[Message]] | None:
         """A new page connection: its queue, a hello, and what it must see first (the finals
-        after `last_event_id`, or all of this epoch, then the open partials). None when full."""
+        after `last_event_id` "EPOCH-SEQ", or all of this epoch for "EPOCH-" or "", then the
+        open partials). None when full."""
         epoch, _, seq = last_event_id.partition("-")
         with self._lock:
             if len(self._subscribers) >= self.max_clients:
@@ -106,16 +107,16 @@ class EventHub:
                 return None
             subscriber = Subscriber()
             self._subscribers.add(subscriber)
-            same = epoch == self.epoch and seq.isdigit()
-            after = int(seq) if same else 0
+            same = epoch == self.epoch  # "EPOCH-" (no seq): a reloaded page, replay all
+            after = int(seq) if same and seq.isdigit() else 0
             oldest = self._ring[0].seq if self._ring else self._seq + 1
             backlog = [m for m in self._ring if m.seq > after]
             backlog += list(self._partials.values())
             hello = {"type": "hello", "epoch": self.epoch,
                      "restarted": bool(epoch) and not same,
                      # finals the page missed that the ring no longer holds
-                     "lost": max(0, oldest - after - 1) if same else 0,
-                     "ring": len(self._ring)}
+                     "lost": max(0, oldest - after - 1) if after else 0,
+                     "ring": len(self._ring), "after": after}
         return subscriber, hello, backlog
 
     def unsubscribe(self, subscriber: Subscriber) -> None:

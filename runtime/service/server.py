@@ -149,7 +149,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            self._write(f"retry: {RETRY_MS}\nevent: hello\ndata: {json.dumps(hello)}\n\n")
+            # the hello's id is where this replay starts, so a reconnect before any new final
+            # (after a restart, say) resumes in this epoch instead of reporting it again;
+            # replaying a final twice is harmless, the page updates the line in place
+            self._write(f"retry: {RETRY_MS}\nid: {hub.epoch}-{hello['after']}\nevent: hello\n"
+                        f"data: {json.dumps(hello)}\n\n")
             for message in backlog:
                 self._write(self._frame(message))
             while True:
