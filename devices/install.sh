@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Install edgestream as a systemd service. Idempotent: a second run changes nothing.
 #
-#   sudo bash devices/install.sh [--bundle DIR] [--extras cpu,mic] [--no-start]
+#   sudo bash devices/install.sh [--bundle DIR] [--extras cpu,mic] [--kiosk] [--no-start]
 #   bash devices/install.sh --root /tmp/scratch ...   # into a scratch root (tests, images)
 #
 # Puts: system user `edgestream` (groups audio, and video where it exists: Jetson GPUs),
 # /opt/edgestream/venv (the project, not editable), /etc/edgestream/config.toml (never
 # overwritten), /var/lib/edgestream/bundles/NAME (from --bundle), /var/cache/edgestream,
-# /etc/systemd/system/edgestream.service, enabled. On a GPU machine pass --extras gpu,mic
+# /etc/systemd/system/edgestream.service, enabled; with --kiosk, a desktop autostart entry that
+# opens the page full screen in Chromium once the service is up. On a GPU machine pass --extras gpu,mic
 # (on Jetson install NVIDIA's onnxruntime-gpu wheel into the venv first: see devices/README.md).
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-root=/ bundle="" extras="cpu,mic" start=1 pip_args=() python=${PYTHON:-python3}
+root=/ bundle="" extras="cpu,mic" start=1 kiosk=0 pip_args=() python=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root=$2; shift 2 ;;
     --bundle) bundle=$2; shift 2 ;;
     --extras) extras=$2; shift 2 ;;
     --no-start) start=0; shift ;;
+    --kiosk) kiosk=1; shift ;;
     --pip-arg) pip_args+=("$2"); shift 2 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -73,10 +75,20 @@ fi
 
 # 4. config (never overwritten: it is the operator's), unit, bundle
 if [ ! -f "$root/etc/edgestream/config.toml" ]; then
-  install -m 640 -o 0 -g "$gid" "$src/devices/config.toml" "$root/etc/edgestream/config.toml"
+  config=$(cat "$src/devices/config.toml")
+  if [ -n "$bundle" ]; then  # the first install points the config at the bundle it copies
+    config=$(sed "s|^bundle = .*|bundle = \"/var/lib/edgestream/bundles/$(basename "$(cd "$bundle" && pwd)")\"|" <<<"$config")
+  fi
+  printf '%s\n' "$config" > "$root/etc/edgestream/config.toml.new"
+  chown "0:$gid" "$root/etc/edgestream/config.toml.new" && chmod 640 "$root/etc/edgestream/config.toml.new"
+  mv "$root/etc/edgestream/config.toml.new" "$root/etc/edgestream/config.toml"
   say "wrote /etc/edgestream/config.toml"
 fi
 put "$src/devices/edgestream.service" /etc/systemd/system/edgestream.service 644
+# the kiosk browser launcher; autostart only with --kiosk (a headless device needs no browser)
+put "$src/devices/kiosk/edgestream-kiosk.sh" /opt/edgestream/kiosk/edgestream-kiosk.sh 755
+[ "$kiosk" -eq 0 ] || put "$src/devices/kiosk/edgestream-kiosk.desktop" \
+  /etc/xdg/autostart/edgestream-kiosk.desktop 644
 if [ -n "$bundle" ]; then
   name=$(basename "$(cd "$bundle" && pwd)")
   dest=/var/lib/edgestream/bundles/$name

@@ -17,7 +17,7 @@ if [ -z "$root" ]; then
 else
   rm -f "$root/etc/systemd/system/multi-user.target.wants/edgestream.service"
 fi
-rm -f "$root$unit"
+rm -f "$root$unit" "$root/etc/xdg/autostart/edgestream-kiosk.desktop"
 [ -n "$root" ] || systemctl daemon-reload
 rm -rf "$root/opt/edgestream"
 if [ "$purge" -eq 1 ]; then

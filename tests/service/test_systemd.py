@@ -60,7 +60,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Path:
     root = scratch_root(tmp_path_factory.mktemp("root"))
-    first = install(root, "--bundle", str(tiny_bundle))
+    first = install(root, "--bundle", str(tiny_bundle), "--kiosk")
     assert first.returncode == 0, first.stderr
     return root
 
@@ -102,17 +102,22 @@ def test_installer_lays_out_the_system(installed: Path) -> None:
     video = next(line for line in group.splitlines() if line.startswith("video:"))
     assert "edgestream" in audio.split(":")[3] and "edgestream" in video.split(":")[3]
     assert (installed / "opt/edgestream/venv/bin/edgestream").exists()
-    assert (installed / "etc/edgestream/config.toml").stat().st_mode & 0o777 == 0o640
+    config = installed / "etc/edgestream/config.toml"
+    assert config.stat().st_mode & 0o777 == 0o640
+    assert 'bundle = "/var/lib/edgestream/bundles/tiny"' in config.read_text()
     bundle = installed / "var/lib/edgestream/bundles/tiny"
     assert (bundle / "manifest.json").is_file() and bundle.stat().st_uid == uid
     assert (installed / "var/cache/edgestream").stat().st_uid == uid
     wants = installed / "etc/systemd/system/multi-user.target.wants/edgestream.service"
     assert wants.is_symlink()
+    autostart = installed / "etc/xdg/autostart/edgestream-kiosk.desktop"
+    assert "Exec=/opt/edgestream/kiosk/edgestream-kiosk.sh" in autostart.read_text()
+    assert os.access(installed / "opt/edgestream/kiosk/edgestream-kiosk.sh", os.X_OK)
 
 
 def test_second_install_changes_nothing(installed: Path, tiny_bundle: Path) -> None:
     before = snapshot(installed)
-    again = install(installed, "--bundle", str(tiny_bundle))
+    again = install(installed, "--bundle", str(tiny_bundle), "--kiosk")
     assert again.returncode == 0, again.stderr
     assert again.stderr.strip() == "", again.stderr  # it says what it changes: nothing
     assert snapshot(installed) == before
