@@ -37,6 +37,7 @@ BEHIND_S = 1.0  # live lag above which partials pause
 class LoopConfig:
     stats_every_s: float = 0.0
     live: bool = False  # the source is paced by a clock: measure lag against it
+    speed: float = 1.0  # that clock's speed (a file played faster than real time)
 
 
 @dataclass
@@ -100,7 +101,7 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
             sinks.emit(stream.feed(block, rate))
             fed += block.shape[0]
             if config.live:
-                lag = time.monotonic() - started - fed / rate
+                lag = time.monotonic() - started - fed / rate / config.speed
                 max_lag = max(max_lag, lag)
                 status.lag_s, status.max_lag_s = lag, max_lag
                 if (lag > BEHIND_S) != stream.behind:

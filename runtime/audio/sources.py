@@ -39,14 +39,16 @@ class FileSource:
 
     With `realtime` it behaves like a microphone: each block arrives when its audio would have
     been captured, and a reader that falls more than `backlog_s` behind loses the oldest audio
-    (reported through `take_gap`), exactly as a capture queue of that size would."""
+    (reported through `take_gap`), exactly as a capture queue of that size would. `speed` > 1
+    plays the clock faster (soak runs: hours of audio through the live path in less time)."""
 
     def __init__(self, path: Path, realtime: bool = False, block_frames: int = 1024,
-                 backlog_s: float = DEFAULT_BACKLOG_S) -> None:
+                 backlog_s: float = DEFAULT_BACKLOG_S, speed: float = 1.0) -> None:
         self.audio = read_wav(path)
         self.sample_rate = self.audio.sample_rate
         self.channels = self.audio.samples.shape[1]
         self.realtime = realtime
+        self.speed = speed
         self.block_frames = block_frames
         self.backlog = int(backlog_s * self.sample_rate)
         self._blocks = 0
@@ -60,7 +62,7 @@ class FileSource:
         i = 0
         while i < samples.shape[0] and not self._stop:
             if self.realtime:
-                arrived = min(int((time.monotonic() - start) * self.sample_rate),
+                arrived = min(int((time.monotonic() - start) * self.sample_rate * self.speed),
                               samples.shape[0])
                 if arrived - i > self.backlog + self.block_frames:
                     # the capture queue would be full: its oldest blocks are gone
@@ -68,7 +70,7 @@ class FileSource:
                     self._gap += lost
                     self._dropped += lost // self.block_frames
                     i += lost
-                due = start + (i + self.block_frames) / self.sample_rate
+                due = start + (i + self.block_frames) / self.sample_rate / self.speed
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)

@@ -52,6 +52,7 @@ class ServiceConfig:
     provider: str = "auto"
     threads: int = 0
     input: str = "mic"  # mic, or a WAV path streamed in real time (demos, soak tests)
+    input_speed: float = 1.0  # a WAV input's clock: 1 real time, 4 four times faster
     device: str = ""  # capture device: name substring or index; "" the default device
     block_ms: int = 64  # capture block: what the device hands over per callback
     backlog_s: float = 4.0
@@ -165,6 +166,8 @@ def check(config: ServiceConfig, where: str) -> None:
             raise ConfigError(f"{where}: {name}: {value} is below {low}")
     if config.backlog_s <= 0:
         raise ConfigError(f"{where}: backlog_s: give a positive number of seconds")
+    if not 0.1 <= config.input_speed <= 100:
+        raise ConfigError(f"{where}: input_speed: {config.input_speed} is outside 0.1-100")
     if config.server.address:
         check_address(config.server.address, config.server.allow_remote,
                       f"{where}: server.address")

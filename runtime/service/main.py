@@ -127,8 +127,10 @@ def open_source(config: ServiceConfig, rate: int) -> tuple[AudioSource, str]:
 
         return (ReopeningMic(config.device or None, rate, config.block_ms, config.backlog_s),
                 f"mic: {config.device or 'default'}")
-    return (FileSource(Path(config.input), realtime=True, backlog_s=config.backlog_s,
-                       block_frames=max(64, int(config.block_ms * 16))), config.input)
+    source = FileSource(Path(config.input), realtime=True, backlog_s=config.backlog_s,
+                        speed=config.input_speed)
+    source.block_frames = max(64, source.sample_rate * config.block_ms // 1000)
+    return source, config.input
 
 
 def run_service(config: ServiceConfig, started: float, notifier: Notifier | None = None,
@@ -176,7 +178,8 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
     notifier.ready(summary)
     code = 1
     try:
-        code = run_loop(source, stream, sinks, LoopConfig(config.stats_every_s, live=True),
+        speed = config.input_speed if config.input != "mic" else 1.0
+        code = run_loop(source, stream, sinks, LoopConfig(config.stats_every_s, True, speed),
                         stop, status, heartbeat=notifier.watchdog)
         notifier.status("input ended" if not stop else "stopping")
         while keep_serving and kiosk is not None and not stop and code == 0:
