@@ -88,3 +88,22 @@ def test_the_shipped_config_template_parses(tiny_bundle: Path) -> None:
     config = service_config.parse({**data, "bundle": str(tiny_bundle)})
     assert config.server.address == "127.0.0.1:8765" and not config.sinks.log_text
     assert config.sinks.jsonl == ""  # transcripts are private by default
+
+
+def test_run_serve_refuses_a_remote_address_and_a_busy_port(tiny_bundle: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from edgestream.runtime import cli
+
+    clip = str(speech_dir() / "beckett.wav")
+    assert cli.main(["run", str(tiny_bundle), "--input", clip, "--serve", "0.0.0.0:8765"]) == 2
+    assert "--serve: 0.0.0.0:8765 is reachable from other machines" in capsys.readouterr().err
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        assert cli.main(["run", str(tiny_bundle), "--input", clip, "--serve",
+                         f"127.0.0.1:{port}"]) == 2
+    finally:
+        holder.close()
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -114,6 +114,7 @@ def browser():  # type: ignore[no-untyped-def]
                  "--disable-dev-shm-usage"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+    driver.set_window_size(1280, 720)
     yield driver
     driver.quit()
 
