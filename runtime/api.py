@@ -90,6 +90,11 @@ class Model:
         """The execution provider the model graphs actually run on."""
         return self.bundle.sessions[self.bundle.manifest.graphs[0].name].session.get_providers()[0]
 
+    def stream_option_names(self) -> set[str]:
+        """The stream options this bundle's family takes (common ones included)."""
+        return ({f.name for f in dataclasses.fields(StreamOptions)} |
+                {f.name for f in dataclasses.fields(self.family.options)})
+
     def stream(self, **options: Any) -> "Stream":
         """An independent stream. Options: see `StreamOptions` and the family's options
         (Whisper: `WhisperOptions`, Moonshine Streaming: `MoonshineOptions`)."""

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", metavar="HOST:PORT", help="override: server address ('' off)")
     p.add_argument("--allow-remote", action="store_true", default=None,
                    help="override: allow a server address other machines can reach")
+    p.add_argument("--profile", help="override: device profile (auto, a name, a TOML path)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"])
     p.add_argument("--threads", type=int)
     p.add_argument("--jsonl", metavar="PATH", help="override: also write events to PATH ('-': "
@@ -43,7 +44,7 @@ def service(args: argparse.Namespace) -> int:
     configure_logging()
     overrides = {"bundle": args.bundle, "input": args.input, "device": args.device,
                  "server.address": args.serve, "server.allow_remote": args.allow_remote,
-                 "provider": args.provider, "threads": args.threads, "sinks.jsonl": args.jsonl}
+                 "provider": args.provider, "profile": args.profile, "threads": args.threads, "sinks.jsonl": args.jsonl}
     if args.config is not None:
         config = service_config.load(args.config)
         config = service_config.override(config, **overrides)

@@ -49,7 +49,8 @@ class SinkConfig:
 @dataclass(frozen=True)
 class ServiceConfig:
     bundle: str = ""
-    provider: str = "auto"
+    profile: str = "auto"  # device profile: auto (detected), a name in devices/profiles, a path
+    provider: str = "auto"  # auto: the profile's first provider this onnxruntime has
     threads: int = 0
     input: str = "mic"  # mic, or a WAV path streamed in real time (demos, soak tests)
     input_speed: float = 1.0  # a WAV input's clock: 1 real time, 4 four times faster
@@ -157,6 +158,15 @@ def check(config: ServiceConfig, where: str) -> None:
     if not Path(config.bundle).is_dir():
         raise ConfigError(f"{where}: bundle: {config.bundle} is not a folder; export one with "
                           "`edgestream export SOURCE -o DIR` and copy it there")
+    if config.provider not in ("auto", "cpu", "cuda", "tensorrt"):
+        raise ConfigError(f"{where}: provider: {config.provider!r}; use auto, cpu, cuda or "
+                          "tensorrt")
+    from edgestream.runtime.profiles import ProfileError, resolve
+
+    try:
+        resolve(config.profile)
+    except ProfileError as e:
+        raise ConfigError(f"{where}: profile: {e}") from None
     if config.input != "mic" and not Path(config.input).is_file():
         raise ConfigError(f"{where}: input: {config.input} is not a file; use \"mic\" or a WAV path")
     for name, value, low in (("threads", config.threads, 0), ("block_ms", config.block_ms, 8),

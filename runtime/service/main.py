@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edgestream.runtime import profiles
 from edgestream.runtime.api import Model, load
 from edgestream.runtime.audio.sources import AudioSource, FileSource
 from edgestream.runtime.audio.wav import read_wav
@@ -113,6 +114,22 @@ def warm_up(model: Model) -> float:
     return time.perf_counter() - started
 
 
+def pick_provider(profile: profiles.Profile, configured: str) -> str:
+    """`auto`: the profile's first provider that this onnxruntime offers (`edgestream doctor`
+    proves it really runs); anything else is the operator's explicit choice."""
+    if configured != "auto":
+        return configured
+    import onnxruntime as ort
+
+    from edgestream.runtime.doctor import ORT_NAME
+
+    available = ort.get_available_providers()
+    for provider in profile.providers:
+        if ORT_NAME[provider] in available:
+            return provider
+    return "cpu"
+
+
 def configure_logging() -> None:
     # journald stamps each line itself; a terminal gets the time
     journal = bool(os.environ.get("JOURNAL_STREAM"))
@@ -144,10 +161,16 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
         kiosk = Kiosk.bind(config.server.address, config.server.history,
                            config.server.max_clients, status)
     try:
+        profile = profiles.resolve(config.profile)
+        provider, threads = pick_provider(profile, config.provider), config.threads or \
+            profile.threads
         loaded_at = time.monotonic()
-        model = load(config.bundle, config.provider, config.threads)
+        model = load(config.bundle, provider, threads)
+        # the profile's stream options where this family takes them; the config's win
+        accepted = model.stream_option_names()
+        options = {k: v for k, v in profile.stream.items() if k in accepted}
         try:
-            stream = model.stream(**{**config.stream, "live": True})
+            stream = model.stream(**{**options, **config.stream, "live": True})
         except OptionError as e:
             raise ConfigError(f"{origin}: [stream]: {e}") from None
         warm_s = warm_up(model)
@@ -173,7 +196,8 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
         kiosk.start(sinks)
     ready_s = time.monotonic() - started
     summary = (f"ready in {ready_s:.2f} s (load {loaded_at - started:.2f} s + "
-               f"{warm_s:.2f} s warm-up): {m.family} on {model.provider}, input {label}")
+               f"{warm_s:.2f} s warm-up): {m.family} on {model.provider}, profile "
+               f"{profile.name}, input {label}")
     log.info("%s", summary)
     notifier.ready(summary)
     code = 1

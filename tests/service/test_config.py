@@ -39,6 +39,9 @@ def refused(args: list[str], notify: NotifySocket) -> str:
     ('bundle = "{b}"\n[stream]\nendpoint_ms = 10\n', "endpoint_ms=10"),
     ('bundle = "{b}"\nblock_ms = 4\n', "block_ms: 4 is below 8"),
     ('bundle = "{b}\n', "not valid TOML"),
+    ('bundle = "{b}"\nprofile = "jetson-orin-nanoo"\n',
+     "profile: device profile 'jetson-orin-nanoo' is unknown"),
+    ('bundle = "{b}"\nprovider = "gpu"\n', "provider: 'gpu'; use auto, cpu, cuda or tensorrt"),
 ])
 def test_bad_config_is_refused_before_ready(tiny_bundle: Path, tmp_path: Path,
                                             notify_socket: NotifySocket, text: str,
