@@ -18,6 +18,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from edgestream.runtime.heartbeat import beat
+
 
 class DecoderGraphs(Protocol):
     """What an engine offers the decoder: a step, maybe a block of `block_size` tokens."""
@@ -84,6 +86,7 @@ def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser,
 
     def take(logits: np.ndarray) -> str:
         """Choose the next token: 'eos', 'limit', 'loop' or 'more'."""
+        beat()  # a long decode is progress, not a stall
         if keep_logits:
             kept.append(logits)
         token, logp = choose(logits, generated)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from edgestream.runtime import heartbeat as heartbeats
 from edgestream.runtime.api import Stream
 from edgestream.runtime.audio.sources import AudioSource
 from edgestream.runtime.events.sinks import SinkSet
@@ -74,10 +75,17 @@ def run_loop(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopCo
              stop: StopFlag | None = None, status: LoopStatus | None = None,
              heartbeat: Callable[[], None] = lambda: None) -> int:
     """Stream `source` until it ends, stops or fails; returns the exit code (0 ok, 1 fault).
-    `heartbeat` is called after every block the loop handled (and while the source waits)."""
+    `heartbeat` is called after every block the loop handled, while the source waits, and per
+    decoded token (runtime/heartbeat.py): a long step that progresses is not a stall."""
     stop = stop if stop is not None else StopFlag()
     status = status if status is not None else LoopStatus()
     status.stream, status.source, status.running = stream, source, True
+    with heartbeats.installed(heartbeat):
+        return _run(source, stream, sinks, config, stop, status, heartbeat)
+
+
+def _run(source: AudioSource, stream: Stream, sinks: SinkSet, config: LoopConfig,
+         stop: StopFlag, status: LoopStatus, heartbeat: Callable[[], None]) -> int:
     rate = source.sample_rate
     started = time.monotonic()
     fed = 0  # source frames fed or lost

@@ -35,7 +35,8 @@ class ServerConfig:
     allow_remote: bool = False  # any address other than loopback needs this, on purpose
     history: int = 200  # finals kept in memory for pages that reconnect
     max_clients: int = 16
-    token: str = ""  # needed by anything that changes state (no such endpoint yet)
+    # Nothing served changes state (write methods get 405); a future control endpoint must
+    # come with a token setting and check it.
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,14 @@ def test_ready_after_warm_up_watchdog_cadence_and_sigterm(real_bundle: Path, tmp
     service = Service(["--bundle", str(real_bundle), "--input",
                        str(speech_dir() / "two_cities.wav"), "--serve", "127.0.0.1:0",
                        "--jsonl", str(events_file), "--threads", "1"],
-                      {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "2000000"})
+                      {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "4000000"})
     ready = notify_socket.wait_for("READY", 120)
     ready_at = notify_socket.times("READY")[0]
     assert "warm-up" in ready["STATUS"] and int(ready["MAINPID"]) == service.proc.pid
     assert service.url().startswith("http://127.0.0.1:")
     # the log says how long start-up took, from process start
     assert any("ready in" in line for line in service.err), service.log
-    time.sleep(6.0)  # in the middle of the first sentences of the clip
+    time.sleep(9.0)  # in the middle of the clip's sentences
     stop_at = time.monotonic()
     service.proc.send_signal(signal.SIGTERM)
     code = service.wait(20)  # the unit's TimeoutStopSec
@@ -47,8 +47,9 @@ def test_ready_after_warm_up_watchdog_cadence_and_sigterm(real_bundle: Path, tmp
     assert pings and pings[0] >= ready_at  # the loop pings, and only once it runs
     running = [p for p in pings if p <= stop_at]
     gaps = np.diff(running)
-    # half the 2 s watchdog period, never late enough for systemd to kill the service
-    assert 0.95 <= float(np.median(gaps)) <= 1.3 and gaps.max() < 2.0, gaps
+    # every half of the 4 s watchdog period (later only by the step in flight, which beats per
+    # token), never late enough for systemd to kill the service
+    assert 1.95 <= float(np.median(gaps)) <= 3.0 and gaps.max() < 4.0, gaps
     assert notify_socket.times("STOPPING") and notify_socket.times("STOPPING")[0] >= stop_at
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
     finals = [e for e in events if e["type"] == "final"]
@@ -85,7 +86,7 @@ def test_no_watchdog_ping_while_the_loop_is_stalled(tiny_bundle: Path,
 
     offset = flow(1.5, 0)
     stall_from = time.monotonic()
-    time.sleep(2.0)
+    time.sleep(3.5)
     stall_to = time.monotonic()
     flow(1.5, offset)
     os.close(write_fd)
@@ -94,7 +95,8 @@ def test_no_watchdog_ping_while_the_loop_is_stalled(tiny_bundle: Path,
     notifier.close()
     pings = notify_socket.times("WATCHDOG")
     before = [p for p in pings if p < stall_from]
-    during = [p for p in pings if stall_from + 0.3 < p < stall_to]
+    # the loop first finishes the audio already in the pipe (longer on a loaded machine)
+    during = [p for p in pings if stall_from + 1.5 < p < stall_to]
     after = [p for p in pings if p > stall_to]
     assert len(before) >= 4 and len(after) >= 4, pings
     assert during == [], (during, stall_from, stall_to)
@@ -115,3 +117,22 @@ def test_watchdog_interval_is_half_the_period_for_this_process(env: dict, interv
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "x"), **env})
     assert n.watchdog_interval_s == interval  # WATCHDOG_PID of another process: not ours
     n.close()
+
+
+def test_a_long_decode_beats_per_token(real_bundle: Path) -> None:
+    """One long step (a whole 23 s recording decoded in one call) keeps beating as tokens come,
+    so the watchdog sees progress; outside an installed heartbeat nothing beats."""
+    from edgestream.runtime import heartbeat
+
+    model = load(real_bundle, "cpu")
+    clip = read_wav(speech_dir() / "two_cities.wav")
+    beats: list[float] = []
+    with heartbeat.installed(lambda: beats.append(time.monotonic())):
+        text = model.transcribe(clip.samples, clip.sample_rate)
+    tokens = model.bundle.tokenizer.encode(text).ids
+    assert len(beats) >= len(tokens) > 40, (len(beats), len(tokens))
+    gaps = np.diff(beats)
+    assert gaps.max() < 5.0, gaps.max()  # no stretch without a beat longer than one encoder run
+    before = len(beats)
+    model.transcribe(clip.samples[: clip.sample_rate * 3], clip.sample_rate)
+    assert len(beats) == before  # uninstalled: the beats went nowhere
