@@ -164,8 +164,9 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
         profile = profiles.resolve(config.profile)
         provider, threads = pick_provider(profile, config.provider), config.threads or \
             profile.threads
-        loaded_at = time.monotonic()
+        load_from = time.monotonic()
         model = load(config.bundle, provider, threads)
+        load_s = time.monotonic() - load_from
         # the profile's stream options where this family takes them; the config's win
         accepted = model.stream_option_names()
         options = {k: v for k, v in profile.stream.items() if k in accepted}
@@ -195,8 +196,8 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
     if kiosk is not None:
         kiosk.start(sinks)
     ready_s = time.monotonic() - started
-    summary = (f"ready in {ready_s:.2f} s (load {loaded_at - started:.2f} s + "
-               f"{warm_s:.2f} s warm-up): {m.family} on {model.provider}, profile "
+    summary = (f"ready in {ready_s:.2f} s (start-up {load_from - started:.2f} s, load "
+               f"{load_s:.2f} s, warm-up {warm_s:.2f} s): {m.family} on {model.provider}, profile "
                f"{profile.name}, input {label}")
     log.info("%s", summary)
     notifier.ready(summary)
