@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TextIO
 
 from edgestream.runtime import profiles
 from edgestream.runtime.api import Model, load
@@ -114,6 +115,17 @@ def warm_up(model: Model) -> float:
     return time.perf_counter() - started
 
 
+def _open_jsonl(path: str, origin: str) -> TextIO:
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{origin}: sinks.jsonl: cannot append to {path} ({e.strerror}); under "
+                          "systemd only /var/lib/edgestream and /var/log/edgestream are "
+                          "writable") from None
+
+
 def pick_provider(profile: profiles.Profile, configured: str) -> str:
     """`auto`: the profile's first provider that this onnxruntime offers (`edgestream doctor`
     proves it really runs); anything else is the operator's explicit choice."""
@@ -174,19 +186,17 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
             stream = model.stream(**{**options, **config.stream, "live": True})
         except OptionError as e:
             raise ConfigError(f"{origin}: [stream]: {e}") from None
+        sinks_list: list[Sink] = [LogSink(config.sinks.log_text)]
+        if kiosk is not None:
+            sinks_list.append(kiosk.hub)
+        if config.sinks.jsonl:
+            sinks_list.append(JsonlSink(_open_jsonl(config.sinks.jsonl, origin)))
         warm_s = warm_up(model)
         source, label = open_source(config, model.sample_rate)
     except BaseException:
         if kiosk is not None:
             kiosk.server.server_close()
         raise
-    sinks_list: list[Sink] = [LogSink(config.sinks.log_text)]
-    if kiosk is not None:
-        sinks_list.append(kiosk.hub)
-    if config.sinks.jsonl:
-        out = sys.stdout if config.sinks.jsonl == "-" else open(config.sinks.jsonl, "a",
-                                                                 encoding="utf-8")
-        sinks_list.append(JsonlSink(out))
     sinks = SinkSet(sinks_list)
     m = model.bundle.manifest
     sinks.emit([Ready(str(model.bundle.root), m.family, m.pipeline, model.provider,

@@ -42,6 +42,8 @@ def refused(args: list[str], notify: NotifySocket) -> str:
     ('bundle = "{b}"\nprofile = "jetson-orin-nanoo"\n',
      "profile: device profile 'jetson-orin-nanoo' is unknown"),
     ('bundle = "{b}"\nprovider = "gpu"\n', "provider: 'gpu'; use auto, cpu, cuda or tensorrt"),
+    ('bundle = "{b}"\n[sinks]\njsonl = "/nonexistent/dir/events.jsonl"\n',
+     "sinks.jsonl: cannot append to /nonexistent/dir/events.jsonl"),
 ])
 def test_bad_config_is_refused_before_ready(tiny_bundle: Path, tmp_path: Path,
                                             notify_socket: NotifySocket, text: str,
