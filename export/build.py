@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from edgestream.export.errors import ExportError, ParityError
 from edgestream.export.sources import ResolvedSource, resolve
+from edgestream.runtime.bundle import sha256_file
 from edgestream.runtime.manifest import MANIFEST_NAME, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def export_bundle(opts: ExportOptions) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.parent))
     try:
         data = recipe.graphs(parts, tmp, opts)
+        data["tokenizer"]["sha256"] = sha256_file(tmp / data["tokenizer"]["file"])
         if opts.vad == "silero":
             from edgestream.export.vad import add_silero_vad
 

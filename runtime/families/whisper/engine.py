@@ -12,7 +12,8 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import GreedyResult, greedy_decode, log_softmax, pick
+from edgestream.runtime.decode import (GreedyResult, block_graph, greedy_decode, log_softmax,
+                                       pick)
 from edgestream.runtime.families.whisper.mel import WhisperLogMel
 from edgestream.runtime.state import StateStore
 
@@ -88,9 +89,8 @@ class WhisperEngine:
         self.bundle = bundle
         self.encoder = bundle.sessions["encoder"]
         self.decoder = bundle.sessions["decoder"]
-        self.decoder_block = bundle.sessions.get("decoder_block")
-        self.block_size = (self.decoder_block.spec.input("tokens").shape[1]
-                           if self.decoder_block else 1)
+        self.block_graph, self.block_size = block_graph(bundle, "tokens")
+        self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
         mel_spec = self.encoder.spec.inputs[0]
         self.mel = WhisperLogMel(n_mels=mel_spec.shape[1], n_samples=m.audio.window_samples)
         self.states = StateStore(m)
@@ -129,15 +129,15 @@ class WhisperEngine:
         feeds["position"] = np.array([position], dtype=np.int64)
         out = self.decoder.run(feeds)
         self.states.update("decoder", out, position)
-        return out["logits"][0]
+        return out["logits"].reshape(-1, self.vocab)[0]
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        feeds = self.states.feeds("decoder_block")
+        feeds = self.states.feeds(self.block_graph)
         feeds["tokens"] = np.array([tokens], dtype=np.int64)
         feeds["position"] = np.array([position], dtype=np.int64)
         out = self.decoder_block.run(feeds)
-        self.states.update("decoder_block", out, position)
-        return out["logits"][0]
+        self.states.update(self.block_graph, out, position)
+        return out["logits"].reshape(len(tokens), self.vocab)
 
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
                max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),
