@@ -150,30 +150,22 @@ def test_real_tiny_en_parity(real_bundle: Path) -> None:
     assert m.graph("decoder").dims == {"tokens": (1, BLOCK)}
 
 
-def test_int8_export_ships_only_with_identical_greedy_tokens(tmp_path: Path) -> None:
-    """--quantize int8 (per-channel MatMul weights) ships only when every parity clip decodes to
-    the same tokens as the original model; otherwise nothing is written and the report names the
-    clip. Which of the two happens depends on the toolchain's numerics (with onnx 1.23.2 and
-    onnxscript 0.7.2 int8 changes a token on beckett.wav and is refused; the accuracy gate with
-    more power is the bundle-size issue's work), so the test checks the gate keeps its word."""
+def test_real_int8_export_passes_the_gate(tmp_path: Path) -> None:
+    """--quantize int8 on real tiny.en: the gate measures it against fp32 on the project's real
+    clips (WER within the 1-point budget, greedy-token agreement over clean and noisy windows),
+    the table is in the manifest, and the int8 graphs fit the size target (45 MB)."""
     from conftest import HUMAN_CLIPS, speech_dir
 
     clips = tuple(speech_dir() / c for c in HUMAN_CLIPS)
     out = tmp_path / "int8"
-    try:
-        export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips,
-                                    quantize="int8"))
-    except ParityError as e:
-        report = e.report
-        differing = [c["clip"] for c in report["clips"] if not c["identical_tokens"]]
-        assert differing and report["identical_clips"] == len(clips) - len(differing)
-        assert not report["passed"] and "int8 bundle changes greedy tokens" in str(e)
-        assert all(name in {c.name for c in clips} for name in differing)
-        assert not out.exists()
-        return
+    export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips[:1],
+                                quantize="int8", eval_windows=48))
     data = json.loads((out / "manifest.json").read_text())
-    assert data["accuracy_int8"]["passed"]
-    assert data["accuracy_int8"]["identical_clips"] == 4
+    acc = data["accuracy"]
+    fp32, int8 = acc["rows"]
+    assert acc["chosen"] == "int8" and int8["passed"] and acc["windows"] == 48
+    assert fp32["wer"] <= 5.0 and int8["wer_delta"] <= 1.0 and int8["agreement"] >= 0.95
+    assert int8["size_mb"] <= 45.0 < fp32["size_mb"] / 3
     precision = {g["name"]: g["precision"] for g in data["graphs"]}
     assert precision == {"encoder": "int8", "decoder": "int8", "vad": "fp32"}
     Bundle.open(out)
