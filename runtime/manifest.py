@@ -126,6 +126,8 @@ class DecodingSpec:
     prompt: tuple[int, ...] = ()
     suppress: tuple[int, ...] = ()
     suppress_at_begin: tuple[int, ...] = ()
+    # multilingual models: language code -> its token id (language is chosen at run time)
+    languages: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,9 @@ def _parse(data: dict[str, Any]) -> Manifest:
         decoding=DecodingSpec(max_tokens=_number(dec, "max_tokens", "decoding"),
                               prompt=tuple(dec.get("prompt", ())),
                               suppress=tuple(dec.get("suppress", ())),
-                              suppress_at_begin=tuple(dec.get("suppress_at_begin", ()))),
+                              suppress_at_begin=tuple(dec.get("suppress_at_begin", ())),
+                              languages={str(k): int(v)
+                                         for k, v in dec.get("languages", {}).items()}),
         vad=vad, parity=data.get("parity", {}), extra=data.get("extra", {}))
 
 

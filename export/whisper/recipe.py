@@ -25,7 +25,8 @@ HOP = 160
 BLOCK_TOKENS = 16  # tokens per decoder_block pass (DESIGN.md section 8)
 _SPECIALS = {"sot": "<|startoftranscript|>", "eot": "<|endoftext|>",
              "no_timestamps": "<|notimestamps|>", "timestamp_begin": "<|0.00|>",
-             "transcribe": "<|transcribe|>", "sot_prev": "<|startofprev|>"}
+             "transcribe": "<|transcribe|>", "translate": "<|translate|>",
+             "sot_prev": "<|startofprev|>"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class WhisperParts:
     suppress: tuple[int, ...]
     suppress_at_begin: tuple[int, ...]
     source: dict[str, str]
+    languages: dict[str, int]  # empty for English-only models
 
 
 def _special_ids(tok: Tokenizer) -> dict[str, int]:
@@ -77,8 +79,10 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
     special = _special_ids(Tokenizer.from_str(tokenizer_json))
     gen = model.generation_config
     prompt = [special["sot"]]
+    languages: dict[str, int] = {}
     if getattr(gen, "is_multilingual", False):
         lang_ids = getattr(gen, "lang_to_id", {}) or {}
+        languages = {k.strip("<|>"): int(v) for k, v in lang_ids.items()}
         lang = lang_ids.get(f"<|{language}|>")
         if lang is None:
             raise ExportError(f"language {language!r} is not one this model knows")
@@ -89,7 +93,7 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
         model=model, tokenizer_json=tokenizer_json, special=special, prompt=tuple(prompt),
         suppress=tuple(int(t) for t in (gen.suppress_tokens or [])),
         suppress_at_begin=tuple(int(t) for t in (gen.begin_suppress_tokens or [])),
-        source=source)
+        source=source, languages=languages)
 
 
 def export_whisper_graphs(parts: WhisperParts, out: Path,
@@ -148,7 +152,8 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
         "tokenizer": {"file": "tokenizer.json", "special": parts.special},
         "decoding": {"max_tokens": t_max, "prompt": list(parts.prompt),
                      "suppress": list(parts.suppress),
-                     "suppress_at_begin": list(parts.suppress_at_begin)},
+                     "suppress_at_begin": list(parts.suppress_at_begin),
+                     **({"languages": parts.languages} if parts.languages else {})},
         "extra": {"block_tokens": block,  # K of the decoder's block size; 0: step only
                   "model": {"d_model": d, "encoder_layers": cfg.encoder_layers,
                             "decoder_layers": cfg.decoder_layers, "heads": heads,

@@ -105,3 +105,17 @@ def test_one_graph_serves_step_and_block(tiny_bundle: Path) -> None:
     block = engine.block(seq + [0] * (16 - len(seq)), 0)[: len(seq)]
     steps = np.stack([engine.step(t, i) for i, t in enumerate(seq)])
     np.testing.assert_allclose(block, steps, atol=1e-4)
+
+
+def test_english_only_bundle_refuses_other_languages(tiny_bundle: Path) -> None:
+    import numpy as np
+
+    from edgestream.runtime import load
+    from edgestream.runtime.errors import OptionError
+
+    model = load(tiny_bundle, provider="cpu")
+    with pytest.raises(OptionError, match="English-only"):
+        model.transcribe(np.zeros(16000, np.float32), 16000, language="de")
+    with pytest.raises(OptionError, match="English-only"):
+        model.stream(task="translate")
+    model.stream(language="en")  # the one language it has

@@ -74,3 +74,47 @@ def test_truncated_model_bin_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"model\.bin.*truncated"):
         export_bundle(ExportOptions(str(folder), out))
     assert not out.exists() and not list(tmp_path.glob(".bundle.*"))
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:whisper-base exported (parity on the demo clip, no VAD)."""
+    out = tmp_path_factory.mktemp("base") / "whisper-base"
+    report = export_bundle(ExportOptions("builtin:whisper-base", out, vad="none"))
+    assert report["passed"] and report["identical_clips"] == 1
+    return out
+
+
+@pytest.mark.slow
+def test_language_and_task_are_run_time_options(base_bundle: Path) -> None:
+    """One multilingual bundle: the language is detected when none is given (English here, as
+    the reference text says), or given; the task switches to translation; bad values are
+    refused with the choices named."""
+    from conftest import references, speech_dir
+
+    from edgestream.export.wer import word_error_rate
+    from edgestream.runtime import load
+    from edgestream.runtime.audio.wav import read_wav, to_mono
+    from edgestream.runtime.errors import OptionError
+    from edgestream.runtime.families.whisper.engine import WhisperEngine
+
+    model = load(base_bundle, provider="cpu", threads=2)
+    languages = model.bundle.manifest.decoding.languages
+    assert len(languages) >= 99 and {"en", "de", "fr", "ja"} <= set(languages)
+    audio = to_mono(read_wav(speech_dir() / "arctic_a0007.wav").samples)
+    engine = WhisperEngine(model.bundle)
+    engine.configure(None)
+    engine.encode(audio)
+    assert engine.language == "en" and engine.prompt[1] == languages["en"]
+    detected = model.transcribe(audio, 16000)
+    assert word_error_rate([references()["arctic_a0007.wav"]], [detected]) <= 0.2, detected
+    assert model.transcribe(audio, 16000, language="en") == detected
+    engine.configure("de", "translate")
+    assert engine.prompt[1:3] == (languages["de"], model.bundle.manifest.tokenizer.special[
+        "translate"])
+    assert model.transcribe(audio, 16000, task="translate").strip()
+    with pytest.raises(OptionError, match=r"language='xx' is not one this model knows.*de"):
+        model.transcribe(audio, 16000, language="xx")
+    with pytest.raises(OptionError, match=r"task='summarize'"):
+        model.stream(task="summarize")
+

@@ -108,11 +108,51 @@ class WhisperEngine:
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
         self.prompt = tuple(m.decoding.prompt)
+        self.languages = dict(m.decoding.languages)
+        self.sot = sp["sot"]
+        self.detect = False  # detect the language of every encoded window (`configure`)
+        self.language: str | None = next(
+            (code for code, i in self.languages.items() if i in self.prompt), None)
         self.tokenizer = bundle.tokenizer
         self.sot_prev = sp.get("sot_prev", -1)
         # English-only checkpoints call it <|nocaptions|>, multilingual ones <|nospeech|>
         ids = [bundle.tokenizer.token_to_id(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech = next((i for i in ids if i is not None and i < self.vocab), -1)
+
+    def configure(self, language: str | None = None, task: str = "transcribe") -> None:
+        """Choose language and task at run time. Multilingual bundles: `language` None detects
+        it from each encoded window (Whisper's own way: the most likely language token after
+        <|startoftranscript|>); `task` is transcribe or translate (to English). English-only
+        bundles take language None or "en" and task transcribe."""
+        from edgestream.runtime.errors import OptionError
+
+        sp = self.bundle.manifest.tokenizer.special
+        if task not in ("transcribe", "translate"):
+            raise OptionError(f"task={task!r}: use 'transcribe' or 'translate'")
+        if not self.languages:
+            if language not in (None, "en") or task != "transcribe":
+                raise OptionError(f"{self.bundle.root}: this Whisper bundle is English-only; it "
+                                  f"takes no language={language!r} or task={task!r} (export a "
+                                  "multilingual model, e.g. builtin:whisper-base)")
+            return
+        if language is not None and language not in self.languages:
+            raise OptionError(f"language={language!r} is not one this model knows; use one of "
+                              f"{', '.join(sorted(self.languages))} or None to detect it")
+        if task not in sp:
+            raise BundleError(f"{self.bundle.root}/manifest.json: tokenizer.special lacks "
+                              f"{task!r}; re-export the bundle")
+        self.detect = language is None
+        self.language = language
+        lang = self.languages[language] if language else next(iter(self.languages.values()))
+        tail = (self.no_timestamps,) if self.no_timestamps in self.prompt else ()
+        self.prompt = (self.sot, lang, sp[task], *tail)
+
+    def detect_language(self) -> str:
+        """The most likely language of the encoded window (one decoder step)."""
+        logits = self.step(self.sot, 0)
+        codes = list(self.languages)
+        ids = np.array([self.languages[c] for c in codes])
+        return codes[int(np.argmax(logits[ids]))]
 
     @property
     def window_seconds(self) -> float:
@@ -122,6 +162,9 @@ class WhisperEngine:
         """Compute the log-mel of up to one window of 16 kHz audio and fill the cross K/V."""
         mel = self.mel(audio)[None]
         self.states.update("encoder", self.encoder.run({self.encoder.spec.inputs[0].name: mel}))
+        if self.detect:
+            self.language = self.detect_language()
+            self.prompt = (self.prompt[0], self.languages[self.language], *self.prompt[2:])
 
     def step(self, token: int, position: int) -> np.ndarray:
         feeds = self.states.feeds("decoder")
