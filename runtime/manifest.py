@@ -216,7 +216,8 @@ def _data_files(obj: dict[str, Any], where: str) -> tuple[DataFile, ...]:
     out = []
     for j, f in enumerate(files):
         w = f"{where}.external_data[{j}]"
-        if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in ("file", "sha256")):
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), str)
+                                              for k in ("file", "sha256")):
             raise BundleError(f"{MANIFEST_NAME}: {w} needs string fields file and sha256")
         if "/" in f["file"] or "\\" in f["file"] or f["file"] in ("", ".", ".."):
             raise BundleError(f"{MANIFEST_NAME}: {w}.file {f['file']!r} must be a file name in "

@@ -93,7 +93,8 @@ class GraphSession:
             # a symbolic dimension in the file accepts the manifest's static size; a named axis
             # in the manifest (run at the sizes of `dims`) must be symbolic in the file
             shape_ok = len(a.shape) == len(t.shape) and all(
-                (not isinstance(d, int) or d == s) and (isinstance(s, int) or not isinstance(d, int))
+                (not isinstance(d, int) or d == s)
+                and (isinstance(s, int) or not isinstance(d, int))
                 for d, s in zip(a.shape, t.shape))
             if dtype != t.dtype or not shape_ok:
                 raise BundleError(

@@ -120,8 +120,8 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
                             max_memory_frames: int = 1500, max_tokens: int = 256,
                             block_tokens: int = BLOCK_TOKENS) -> dict:
     """Write encoder.onnx, memory.onnx, decoder.onnx (token axis run at 1 and `block_tokens`;
-    0: the step only) and tokenizer.json into `out`; return the manifest dict (without parity, which the
-    caller adds after checking). A `block_tokens` above `max_tokens` is cut to it."""
+    0: the step only) and tokenizer.json into `out`; return the manifest dict (without parity,
+    which the caller adds after checking). A `block_tokens` above `max_tokens` is cut to it."""
     model = parts.model
     _check_options(model, chunk_frames, window_semantics, max_memory_frames, max_tokens,
                    block_tokens)
