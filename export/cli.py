@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the project's real clips (tests/data/speech)")
     p.add_argument("--wer-budget", type=float, default=1.0,
                    help="WER points over fp32 a quantized variant may lose (default 1.0)")
-    p.add_argument("--min-agreement", type=float, default=0.95,
-                   help="share of fp32's greedy tokens a variant must keep (default 0.95)")
+    p.add_argument("--min-agreement", type=float, default=0.90,
+                   help="share of fp32's greedy tokens a variant must keep (default 0.90)")
     p.add_argument("--eval-windows", type=int, default=300,
                    help="overlapping windows (clean and noisy) the gate compares (default 300)")
     p.add_argument("--chunk-ms", type=int, default=80,

