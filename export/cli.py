@@ -26,10 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-audio", nargs="+", type=Path, default=(),
                    help="WAV clips for the parity check (default: the shipped demo clip)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int8-encoder"],
-                   help="dynamic int8 weights (per channel) for every model graph, or only the "
-                        "audio side (encoder, memory: keeps decoder re-scoring exact); the export "
-                        "fails unless greedy tokens stay identical on every parity clip")
+    p.add_argument("--quantize", default="none",
+                   help="none; one precision for every model graph (int8: dynamic per-channel, "
+                        "CPU; int4 / int8-nbits: MatMulNBits blocks, exact re-scoring; fp16: GPU); "
+                        "per graph, e.g. encoder=int8,decoder=int4; int8-encoder; or auto: the "
+                        "fastest candidate within --wer-budget. Every variant must pass the "
+                        "accuracy gate against fp32 or nothing is written")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="int4 / int8-nbits: weights per scale, 16, 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
+                   help="device class the precisions must suit (default cpu; fp16 is gpu only)")
+    p.add_argument("--eval-audio", type=Path, default=None,
+                   help="accuracy-gate folder: WAV clips and refs.tsv (file<TAB>text); default "
+                        "the project's real clips (tests/data/speech)")
+    p.add_argument("--wer-budget", type=float, default=1.0,
+                   help="WER points over fp32 a quantized variant may lose (default 1.0)")
+    p.add_argument("--min-agreement", type=float, default=0.90,
+                   help="share of fp32's greedy tokens a variant must keep (default 0.90)")
+    p.add_argument("--eval-windows", type=int, default=300,
+                   help="overlapping windows (clean and noisy) the gate compares (default 300)")
     p.add_argument("--chunk-ms", type=int, default=80,
                    help="streaming encoders: audio per encoder step, 20-320 ms (default 80)")
     p.add_argument("--window-semantics", default="transformers",
@@ -58,22 +73,29 @@ def run_export(args: argparse.Namespace) -> int:
                          language=args.language, vad=args.vad,
                          parity_audio=tuple(args.parity_audio), force=args.force,
                          chunk_ms=args.chunk_ms, window_semantics=args.window_semantics,
-                         max_memory_frames=args.max_memory_frames, quantize=args.quantize)
+                         max_memory_frames=args.max_memory_frames, quantize=args.quantize,
+                         block_size=args.block_size, target=args.target,
+                         eval_audio=args.eval_audio, wer_budget=args.wer_budget,
+                         min_agreement=args.min_agreement, eval_windows=args.eval_windows)
     try:
         report = export_bundle(opts)
     except ParityError as e:
-        print(json.dumps(e.report, indent=2), file=sys.stderr)
+        if "rows" not in e.report:  # the gate's message already holds its table
+            print(json.dumps(e.report, indent=2), file=sys.stderr)
         raise
     front = ("max mel diff", report["max_mel_diff"]) if "max_mel_diff" in report else \
         ("max encoder diff", report["max_encoder_diff"])
     print(f"wrote {args.output}: parity passed, max logit diff {report['max_logit_diff']:.2e}, "
           f"{front[0]} {front[1]:.2e}, greedy tokens identical on "
           f"{report['identical_clips']}/{len(report['clips'])} clips")
-    int8 = json.loads((args.output / "manifest.json").read_text()).get("accuracy_int8")
-    if int8:
-        print(f"int8 graphs: greedy tokens identical to the original on "
-              f"{int8['identical_clips']}/{len(int8['clips'])} clips, max logit diff "
-              f"{int8['max_logit_diff']:.2e}")
+    accuracy = json.loads((args.output / "manifest.json").read_text()).get("accuracy")
+    if accuracy:
+        from edgestream.export.gate import format_table
+
+        rows = accuracy["rows"]
+        table = format_table(rows) if "wer" in rows[0] else json.dumps(rows, indent=2)
+        print(f"accuracy gate ({accuracy['windows']} windows, WER budget "
+              f"+{accuracy['wer_budget']}): shipped {accuracy['chosen']}\n{table}")
     return 0
 
 

@@ -1,17 +1,18 @@
-"""Dynamic int8 quantization of a bundle's graphs, in place: MatMul/Gemm weights only.
+"""Precisions of a bundle's graphs, applied in place, one graph at a time (see PRECISIONS).
 
-Convolution front ends stay fp32 (dynamic int8 of the conv front end is slower, DESIGN.md 8), as do
-attention matmuls between two activations. Whisper's tied output projection is exported as
-``MatMul(x, Transpose(embedding))``; ``quantize_dynamic`` only quantizes a weight that is an
-initializer, so it would silently leave the largest decoder matmul in fp32. The transpose is
-folded into a new initializer first; the embedding ``Gather`` keeps reading the original.
+MatMul/Gemm weights only: convolution front ends stay fp32 (dynamic int8 of the conv front end is
+slower, DESIGN.md 8), as do attention matmuls between two activations. Whisper's tied output
+projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only quantize a
+weight that is an initializer, so they would silently leave the largest decoder matmul in fp32.
+The transpose is folded into a new initializer first, and after quantization the embedding
+``Gather`` is rewritten to read the projection's quantized bytes (`qgather`), so the vocabulary
+matrix is stored once and never as an fp32 table.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,13 +21,28 @@ import onnx
 from onnx import numpy_helper
 
 from edgestream.export.errors import ExportError
+from edgestream.export.onnx_export import (EXTERNAL_THRESHOLD, external_files, save_model,
+                                           weight_bytes)
+from edgestream.export.qgather import rewrite_tied_gathers
 from edgestream.runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
-# onnx.save's protobuf limit; below it the quantized graph is written as one file
-PROTOBUF_LIMIT = 2**31 - 1
+# What each precision is (the manifest's `precision` of a graph):
+PRECISIONS = {
+    "fp32": "as exported",
+    "fp16": "fp16 weights and compute for GPUs; normalisation, softmax and graph inputs/outputs "
+            "(the state) stay fp32",
+    "int8": "dynamic int8 per-channel weights (MatMulInteger) for CPUs; the tied embedding is "
+            "a quantized gather",
+    "int4": "4-bit weights in blocks (MatMulNBits), activations quantized per row, so a K-token "
+            "block and a one-token step agree",
+    "int8-nbits": "8-bit weights in blocks (MatMulNBits), activations quantized per row",
+}
+NBITS = {"int4": 4, "int8-nbits": 8}
+DEFAULT_BLOCK = 32
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's block quantizer (MLAS) accepts
 # QInt8 (signed) weights run onnxruntime's U8S8 kernels. On this x86 CPU (AVX-512 VNNI), Whisper
 # tiny.en, 2 threads, QInt8 vs QUInt8: encoder window 584 vs 701 ms, decoder step 3.97 vs 4.38 ms,
 # four clips transcribed 2.89 vs 3.46 s (median of 3); the same encoder error (0.087 rel. RMS).
@@ -100,82 +116,151 @@ def _signature(model: onnx.ModelProto) -> list[tuple[str, ...]]:
         [("out", v.SerializeToString(deterministic=True).hex()) for v in model.graph.output]
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = sum(len(i.raw_data) for i in model.graph.initializer) > PROTOBUF_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=large,
-                    location=f"{path.name}.data" if large else None)
+def _tied(model: onnx.ModelProto) -> dict[str, str]:
+    """{embedding table: its folded transposed copy} for every Gather of a tied table."""
+    inits = {i.name for i in model.graph.initializer}
+    return {n.input[0]: f"{n.input[0]}.transposed" for n in model.graph.node
+            if n.op_type == "Gather" and f"{n.input[0]}.transposed" in inits}
 
 
-def quantize_file(path: Path, weight_type: str = WEIGHT_TYPE, per_channel: bool = False) -> dict:
-    """Quantize one ONNX file in place; returns {folded, sizes before/after, remaining fp32}.
-    `per_channel` scales each weight column apart: Whisper tiny.en encoder error 0.069 instead
-    of 0.087 relative RMS, for about 10 % more encoder time."""
+def _dynamic_int8(model: onnx.ModelProto, folder: Path, weight_type: str,
+                  per_channel: bool) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    large = weight_bytes(model) > EXTERNAL_THRESHOLD
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=folder) as tmp:
+        src, dst = Path(tmp) / "folded.onnx", Path(tmp) / "int8.onnx"
+        save_model(model, src)
+        quantize_dynamic(src, dst, op_types_to_quantize=list(QUANTIZED_OPS),
+                         weight_type=QuantType[weight_type], per_channel=per_channel,
+                         reduce_range=False, use_external_data_format=large,
+                         extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst))
+
+
+def _nbits(model: onnx.ModelProto, bits: int, block: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # accuracy_level 4: activations are quantized to int8 per row (per block of a row), so a
+    # row's result does not depend on the other rows of a K-token block: block and step agree.
+    # Symmetric weights: the quantized gather then needs no zero points.
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
+                             accuracy_level=4, op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model
+
+
+def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    # numerically touchy reductions stay fp32; graph inputs/outputs (the streaming state) too
+    keep = [*DEFAULT_OP_BLOCK_LIST, "LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt",
+            "Exp", "SimplifiedLayerNormalization", "RMSNormalization", "ReduceSum", "Erf"]
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=keep)
+
+
+def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT_BLOCK,
+                  weight_type: str = WEIGHT_TYPE, per_channel: bool = True) -> dict:
+    """Convert one ONNX file to `precision` in place (external data included); returns {folded,
+    gathers rewritten, sizes before/after, remaining fp32 MatMul weights}. `per_channel` (int8):
+    scales each weight column apart (Whisper tiny.en encoder error 0.069 instead of 0.087
+    relative RMS, for about 10 % more encoder time)."""
+    if precision not in PRECISIONS or precision == "fp32":
+        choices = ", ".join(p for p in PRECISIONS if p != "fp32")
+        raise QuantizeError(f"{path}: precision {precision!r} is not one a graph can be "
+                            f"converted to; use one of {choices}")
+    if precision in NBITS and block_size not in BLOCK_SIZES:
+        raise QuantizeError(f"block size {block_size}: MatMulNBits takes one of "
+                            f"{', '.join(map(str, BLOCK_SIZES))}")
     path = Path(path)
-    before = path.stat().st_size
+    before = _size(path)
     model = onnx.load(str(path))
     signature = _signature(model)
-    folded = fold_weight_transposes(model)
-    large = sum(len(i.raw_data) for i in model.graph.initializer) > PROTOBUF_LIMIT
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
-        src, dst = Path(tmp) / "folded.onnx", Path(tmp) / "int8.onnx"
-        _save(model, src)
-        del model
-        try:
-            quantize_dynamic(src, dst, op_types_to_quantize=list(QUANTIZED_OPS),
-                             weight_type=QuantType[weight_type], per_channel=per_channel,
-                             reduce_range=False, use_external_data_format=large,
-                             extra_options={"MatMulConstBOnly": True})
-        except Exception as e:  # onnxruntime's quantizer raises many internal types
-            raise QuantizeError(f"{path}: onnxruntime quantize_dynamic failed ({e})") from e
-        quantized = onnx.load(str(dst))
-        if _signature(quantized) != signature:
-            raise QuantizeError(f"{path}: quantization changed the graph's inputs or outputs; "
-                                "the file was left unchanged")
-        remaining = fp32_matmul_weights(quantized)
-        if large:
-            _save(quantized, path)
+    folded = gathers = 0
+    try:
+        if precision == "fp16":
+            model = _fp16(model)
         else:
-            os.replace(dst, path)
-    after = path.stat().st_size
-    log.info("quantized %s: %.1f -> %.1f MB, %d transposed weight(s) folded, %d fp32 MatMul "
-             "weight(s) left", path.name, before / 1e6, after / 1e6, folded, len(remaining))
-    return {"folded": folded, "bytes_before": before, "bytes_after": after,
-            "fp32_matmul_weights": remaining}
+            folded = fold_weight_transposes(model)
+            tied = _tied(model)
+            if precision == "int8":
+                model = _dynamic_int8(model, path.parent, weight_type, per_channel)
+            else:
+                model = _nbits(model, NBITS[precision], block_size)
+            gathers = rewrite_tied_gathers(model, tied)
+    except QuantizeError:
+        raise
+    except Exception as e:  # onnxruntime's quantizers raise many internal types
+        raise QuantizeError(f"{path}: onnxruntime could not convert this graph to {precision} "
+                            f"({e})") from e
+    if _signature(model) != signature:
+        raise QuantizeError(f"{path}: converting to {precision} changed the graph's inputs or "
+                            "outputs; the file was left unchanged")
+    remaining = fp32_matmul_weights(model)
+    save_model(model, path)
+    after = _size(path)
+    log.info("%s %s: %.1f -> %.1f MB, %d transposed weight(s) folded, %d tied gather(s) "
+             "quantized, %d fp32 MatMul weight(s) left", precision, path.name, before / 1e6,
+             after / 1e6, folded, gathers, len(remaining))
+    return {"folded": folded, "quantized_gathers": gathers, "bytes_before": before,
+            "bytes_after": after, "fp32_matmul_weights": remaining}
 
 
-def quantize_graphs(folder: Path, manifest: dict, graphs: tuple[str, ...],
-                    mode: str = "int8", weight_type: str = WEIGHT_TYPE,
-                    per_channel: bool = False) -> dict:
-    """Dynamic int8 of the MatMul/Gemm weights of the graphs named in `graphs` (manifest graph
-    names), in place in `folder`. Returns a copy of `manifest` with each quantized graph's
-    ``sha256`` recomputed and ``precision`` set to "int8"; writing it is the caller's job.
-    Inputs and outputs stay identical. A tied embedding stays fp32 for its Gather beside the
-    int8 projection, so a decoder whose vocabulary matrix dominates barely shrinks (or grows)."""
-    if mode != "int8":
-        raise QuantizeError(f"quantization mode {mode!r} is not supported; use 'int8'")
+def _size(path: Path) -> int:
+    """Bytes of a graph file and its external data."""
+    return path.stat().st_size + sum((path.parent / f).stat().st_size
+                                     for f in external_files(path))
+
+
+def refresh_entry(entry: dict, folder: Path) -> None:
+    """Re-hash a manifest graph entry's file and external data after it was rewritten."""
+    path = folder / entry["file"]
+    entry["sha256"] = sha256_file(path)
+    data = external_files(path)
+    if data:
+        entry["external_data"] = [{"file": f, "sha256": sha256_file(folder / f)} for f in data]
+    else:
+        entry.pop("external_data", None)
+
+
+def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[str, ...],
+                    block_size: int = DEFAULT_BLOCK, weight_type: str = WEIGHT_TYPE,
+                    per_channel: bool = True) -> dict:
+    """Convert the graphs of `plan` ({graph name: precision}; a tuple of names means int8) in
+    place in `folder`. Returns a copy of `manifest` with each converted graph's hashes recomputed
+    and ``precision`` (and ``block_size`` for MatMulNBits) set; writing it is the caller's job.
+    Inputs and outputs stay identical."""
     if weight_type not in ("QInt8", "QUInt8"):
         raise QuantizeError(f"weight type {weight_type!r} is not supported; use QInt8 or QUInt8")
+    if not isinstance(plan, dict):
+        plan = {g: "int8" for g in plan}
     folder = Path(folder)
     out = copy.deepcopy(manifest)
     entries = {g["name"]: g for g in out.get("graphs", [])}
-    unknown = [g for g in graphs if g not in entries]
+    unknown = [g for g in plan if g not in entries]
     if unknown:
         raise QuantizeError(f"{folder}/manifest.json: no graph named {', '.join(unknown)} "
                             f"(graphs: {', '.join(entries)})")
-    for name in graphs:
+    bad = {g: p for g, p in plan.items() if p not in PRECISIONS}
+    if bad:
+        raise QuantizeError(f"precision {', '.join(f'{g}={p}' for g, p in bad.items())} is not "
+                            f"supported; use one of {', '.join(PRECISIONS)}")
+    for name, precision in plan.items():
         entry = entries[name]
         path = folder / entry["file"]
         if not path.is_file():
             raise QuantizeError(f"{path}: graph file of graphs[{name}] is missing")
-        if entry.get("precision") == "int8":
-            log.info("%s is already int8; left as it is", path.name)
+        if precision == "fp32" or entry.get("precision", "fp32") == precision:
             continue
+        if entry.get("precision", "fp32") != "fp32":
+            raise QuantizeError(f"{path}: graphs[{name}] is already {entry['precision']}; "
+                                "convert from the fp32 export")
         if sha256_file(path) != entry.get("sha256"):
             raise QuantizeError(f"{path}: sha256 does not match manifest graphs[{name}].sha256; "
                                 "re-export the bundle before quantizing")
-        quantize_file(path, weight_type, per_channel)
-        entry["sha256"] = sha256_file(path)
-        entry["precision"] = "int8"
+        quantize_file(path, precision, block_size, weight_type, per_channel)
+        refresh_entry(entry, folder)
+        entry["precision"] = precision
+        if precision in NBITS:
+            entry["block_size"] = block_size
     return out

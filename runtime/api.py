@@ -118,17 +118,21 @@ class Model:
         return Stream(self, Gate(policy, endpointer, self.sample_rate, config, stats), states,
                       stats)
 
-    def transcribe(self, samples: np.ndarray, sample_rate: int) -> str:
-        """The transcript of a whole recording (float32, any rate, mono or [frames, channels])."""
-        return self.transcribe_segments(samples, sample_rate).text
+    def transcribe(self, samples: np.ndarray, sample_rate: int, **options: Any) -> str:
+        """The transcript of a whole recording (float32, any rate, mono or [frames, channels]).
+        `options`: the family's options (Whisper: `language`, None detects it, and `task`,
+        transcribe or translate, for multilingual bundles; `max_repeats`)."""
+        return self.transcribe_segments(samples, sample_rate, **options).text
 
-    def transcribe_segments(self, samples: np.ndarray, sample_rate: int) -> Transcript:
+    def transcribe_segments(self, samples: np.ndarray, sample_rate: int,
+                            **options: Any) -> Transcript:
         """The transcript with timed segments (for subtitles)."""
+        _, fam = _check_options(self.family, options)
         audio = _mono(samples, "transcribe")
         if sample_rate != self.sample_rate:
             r = StreamingResampler(_rate(sample_rate), self.sample_rate)
             audio = np.concatenate([r.process(audio), r.flush()])
-        return self.family.transcribe(self, audio)
+        return self.family.transcribe(self, audio, fam)
 
 
 def load(bundle: str | Path, provider: str = "auto", threads: int = 0) -> Model:

@@ -25,6 +25,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_file(path: Path, expected: str, field: str, what: str) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: {what} listed in {MANIFEST_NAME} ({field}.file) is missing; "
+                          "re-export the bundle")
+    digest = sha256_file(path)
+    if digest != expected:
+        raise BundleError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST_NAME} "
+                          f"{field}.sha256 {expected[:12]}...; the file was changed or damaged, "
+                          "re-export the bundle")
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A validated bundle: its folder, manifest, one session per graph, the tokenizer path."""
@@ -43,19 +54,18 @@ class Bundle:
                               "`edgestream export SOURCE -o DIR`")
         manifest = load_manifest(root)
         for g in manifest.graphs:
-            path = root / g.file
-            if not path.is_file():
-                raise BundleError(f"{path}: graph file listed in {MANIFEST_NAME} "
-                                  f"(graphs[{g.name}].file) is missing; re-export the bundle")
-            digest = sha256_file(path)
-            if digest != g.sha256:
-                raise BundleError(f"{path}: sha256 {digest[:12]}... does not match "
-                                  f"{MANIFEST_NAME} graphs[{g.name}].sha256 {g.sha256[:12]}...; "
-                                  "the file was changed or damaged, re-export the bundle")
+            # the .onnx names its external-data files, so its hash covers the references and
+            # these hashes cover the weights themselves
+            _check_file(root / g.file, g.sha256, f"graphs[{g.name}]", "graph file")
+            for j, d in enumerate(g.external_data):
+                _check_file(root / d.file, d.sha256, f"graphs[{g.name}].external_data[{j}]",
+                            "external-data file")
         tok = root / manifest.tokenizer.file
         if not tok.is_file():
             raise BundleError(f"{tok}: tokenizer file named in {MANIFEST_NAME} tokenizer.file "
                               "is missing; re-export the bundle")
+        if manifest.tokenizer.sha256:
+            _check_file(tok, manifest.tokenizer.sha256, "tokenizer", "tokenizer file")
         try:
             tokenizer = Tokenizer.from_file(str(tok))
         except Exception as e:  # tokenizers raises its own exception type

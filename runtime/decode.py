@@ -14,11 +14,14 @@ ratio, the probability of "no speech" at a probe position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
 from edgestream.runtime.heartbeat import beat
+
+if TYPE_CHECKING:
+    from edgestream.runtime.bundle import Bundle
 
 
 class DecoderGraphs(Protocol):
@@ -29,6 +32,17 @@ class DecoderGraphs(Protocol):
     def step(self, token: int, position: int) -> np.ndarray: ...
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray: ...
+
+
+def block_graph(bundle: "Bundle", token_input: str) -> tuple[str, int]:
+    """(graph, K) of a bundle's K-token decoder pass: the decoder itself when its token axis is
+    symbolic (run at 1 and K: one graph, the weights stored once), or a separate
+    `decoder_block` graph of bundles written before that; K = 1 when there is none."""
+    legacy = bundle.manifest.graph("decoder_block") if "decoder_block" in bundle.sessions else None
+    if legacy is not None:
+        size = legacy.input(token_input).shape[1]
+        return "decoder_block", int(size) if isinstance(size, int) else 1
+    return "decoder", max(bundle.manifest.graph("decoder").dims.get("tokens", (1,)))
 
 
 # choose(logits, generated so far) -> (token id, its log-probability); the engine applies its

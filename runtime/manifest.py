@@ -25,11 +25,20 @@ UpdateKind = Literal["replace", "append"]
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output: every dimension is static (batch 1, no dynamic axes)."""
+    """One graph input or output: every dimension is static (batch 1), except a named token axis
+    (a string) that the graph's `dims` lists the exact sizes of."""
 
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """An external-data file of a graph (weights beside the .onnx), hashed like the graph."""
+
+    file: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,10 @@ class GraphSpec:
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # symbolic axis name -> the only sizes the runtime runs it at (e.g. tokens: 1 and K, a
+    # decoder's step and block in one graph, so its weights are stored once)
+    dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    external_data: tuple[DataFile, ...] = ()
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -102,6 +115,7 @@ class TokenizerSpec:
 
     file: str
     special: dict[str, int] = field(default_factory=dict)
+    sha256: str = ""  # checked when present (bundles since issue 7 always write it)
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,8 @@ class DecodingSpec:
     prompt: tuple[int, ...] = ()
     suppress: tuple[int, ...] = ()
     suppress_at_begin: tuple[int, ...] = ()
+    # multilingual models: language code -> its token id (language is chosen at run time)
+    languages: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,11 +180,50 @@ def _number(obj: dict[str, Any], key: str, where: str, kind: type = int,
     return kind(value)
 
 
-def _shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and d > 0 for d in value):
+def _shape(value: Any, where: str, symbols: dict[str, tuple[int, ...]] | None = None
+           ) -> tuple[int, ...]:
+    symbols = symbols or {}
+
+    def ok(d: Any) -> bool:
+        return (isinstance(d, int) and not isinstance(d, bool) and d > 0) or \
+            (isinstance(d, str) and d in symbols)
+
+    if not isinstance(value, list) or not all(ok(d) for d in value):
+        named = f" or one of the graph's dims {sorted(symbols)}" if symbols else ""
         raise BundleError(f"{MANIFEST_NAME}: {where} must be a list of positive integers (static "
-                          f"shape), got {value!r}")
+                          f"shape){named}, got {value!r}")
     return tuple(value)
+
+
+def _dims(obj: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
+    dims = obj.get("dims", {})
+    if not isinstance(dims, dict):
+        raise BundleError(f"{MANIFEST_NAME}: {where}.dims must be an object, got {dims!r}")
+    out = {}
+    for k, sizes in dims.items():
+        if not isinstance(sizes, list) or not sizes or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise BundleError(f"{MANIFEST_NAME}: {where}.dims.{k} must be a non-empty list of "
+                              f"positive sizes, got {sizes!r}")
+        out[k] = tuple(sizes)
+    return out
+
+
+def _data_files(obj: dict[str, Any], where: str) -> tuple[DataFile, ...]:
+    files = obj.get("external_data", [])
+    if not isinstance(files, list):
+        raise BundleError(f"{MANIFEST_NAME}: {where}.external_data must be a list")
+    out = []
+    for j, f in enumerate(files):
+        w = f"{where}.external_data[{j}]"
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), str)
+                                              for k in ("file", "sha256")):
+            raise BundleError(f"{MANIFEST_NAME}: {w} needs string fields file and sha256")
+        if "/" in f["file"] or "\\" in f["file"] or f["file"] in ("", ".", ".."):
+            raise BundleError(f"{MANIFEST_NAME}: {w}.file {f['file']!r} must be a file name in "
+                              "the bundle folder")
+        out.append(DataFile(f["file"], f["sha256"]))
+    return tuple(out)
 
 
 def _dtype(value: Any, where: str) -> str:
@@ -178,10 +233,11 @@ def _dtype(value: Any, where: str) -> str:
     return value
 
 
-def _tensor(obj: dict[str, Any], where: str) -> TensorSpec:
+def _tensor(obj: dict[str, Any], where: str,
+            symbols: dict[str, tuple[int, ...]] | None = None) -> TensorSpec:
     name = _req(obj, "name", where)
     return TensorSpec(name, _dtype(_req(obj, "dtype", where), f"{where}.dtype"),
-                      _shape(_req(obj, "shape", where), f"{where}.shape"))
+                      _shape(_req(obj, "shape", where), f"{where}.shape", symbols))
 
 
 def _graph(obj: dict[str, Any], i: int) -> GraphSpec:
@@ -189,12 +245,15 @@ def _graph(obj: dict[str, Any], i: int) -> GraphSpec:
     for key in ("name", "file", "sha256"):
         if not isinstance(_req(obj, key, w), str):
             raise BundleError(f"{MANIFEST_NAME}: {w}.{key} must be a string")
+    dims = _dims(obj, w)
     return GraphSpec(
         name=_req(obj, "name", w), file=_req(obj, "file", w), sha256=_req(obj, "sha256", w),
         precision=obj.get("precision", "fp32"),
-        inputs=tuple(_tensor(t, f"{w}.inputs[{j}]") for j, t in enumerate(_req(obj, "inputs", w))),
-        outputs=tuple(_tensor(t, f"{w}.outputs[{j}]")
-                      for j, t in enumerate(_req(obj, "outputs", w))))
+        inputs=tuple(_tensor(t, f"{w}.inputs[{j}]", dims)
+                     for j, t in enumerate(_req(obj, "inputs", w))),
+        outputs=tuple(_tensor(t, f"{w}.outputs[{j}]", dims)
+                      for j, t in enumerate(_req(obj, "outputs", w))),
+        dims=dims, external_data=_data_files(obj, w))
 
 
 def _state(obj: dict[str, Any], i: int, graphs: dict[str, GraphSpec]) -> StatePair:
@@ -311,11 +370,14 @@ def _parse(data: dict[str, Any]) -> Manifest:
             window_samples=_number(audio, "window_samples", "audio", int, 0)),
         graphs=graphs, states=states,
         tokenizer=TokenizerSpec(file=_req(tok, "file", "tokenizer"),
-                                special={k: int(v) for k, v in tok.get("special", {}).items()}),
+                                special={k: int(v) for k, v in tok.get("special", {}).items()},
+                                sha256=str(tok.get("sha256", ""))),
         decoding=DecodingSpec(max_tokens=_number(dec, "max_tokens", "decoding"),
                               prompt=tuple(dec.get("prompt", ())),
                               suppress=tuple(dec.get("suppress", ())),
-                              suppress_at_begin=tuple(dec.get("suppress_at_begin", ()))),
+                              suppress_at_begin=tuple(dec.get("suppress_at_begin", ())),
+                              languages={str(k): int(v)
+                                         for k, v in dec.get("languages", {}).items()}),
         vad=vad, parity=data.get("parity", {}), extra=data.get("extra", {}))
 
 

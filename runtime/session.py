@@ -90,9 +90,12 @@ class GraphSession:
         for t in declared:
             a = got[t.name]
             dtype = _ORT_TYPES.get(a.type, a.type)
-            # a symbolic (dynamic) dimension accepts the manifest's static size
+            # a symbolic dimension in the file accepts the manifest's static size; a named axis
+            # in the manifest (run at the sizes of `dims`) must be symbolic in the file
             shape_ok = len(a.shape) == len(t.shape) and all(
-                not isinstance(d, int) or d == s for d, s in zip(a.shape, t.shape))
+                (not isinstance(d, int) or d == s)
+                and (isinstance(s, int) or not isinstance(d, int))
+                for d, s in zip(a.shape, t.shape))
             if dtype != t.dtype or not shape_ok:
                 raise BundleError(
                     f"{self.path}: {kind} {t.name!r} is {dtype} {list(a.shape)} but the manifest "

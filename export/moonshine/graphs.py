@@ -11,13 +11,11 @@
 - `memory`: encoder frames and their absolute frame positions -> per decoder layer the
   cross-attention K/V rows of `proj(frame + pos_emb[position])`, which the runtime appends to its
   static buffers (transformers adds pos_emb in place; here nothing is mutated).
-- `decoder`: one token at `position`, per-layer self K/V `[1, kv_heads, T_max, head_dim]` and
-  cross K/V `[1, kv_heads, M_max, head_dim]` with `memory_length` valid rows -> logits `[1, vocab]`
-  and the new self K/V rows (RoPE applied before caching).
-- `decoder_block` (optional): the same over K tokens at positions `position .. position+K-1` ->
-  logits `[1, K, vocab]` and K new self K/V rows; token j attends the cached rows before
-  `position` and block rows 0..j. Same state names as `decoder`: one pass teacher-forces a prefix
-  or re-scores a previous hypothesis (DESIGN.md section 8).
+- `decoder`: T tokens at `position .. position+T-1` (T symbolic, run at 1 and K), per-layer self
+  K/V `[1, kv_heads, T_max, head_dim]` and cross K/V `[1, kv_heads, M_max, head_dim]` with
+  `memory_length` valid rows -> logits `[1, T, vocab]` and the T new self K/V rows (RoPE applied
+  before caching); token j attends the cached rows before `position` and its own rows 0..j. At K
+  one pass teacher-forces a prefix or re-scores a previous hypothesis (DESIGN.md section 8).
 
 The modules reuse the transformers model's weights and its rotary helpers; attention is computed
 here over plain tensors, so no Cache object or mask factory is traced.
@@ -146,8 +144,9 @@ class MoonshineMemoryStep(nn.Module):
 
 
 class MoonshineDecoderStep(nn.Module):
-    """`block` tokens (1: the one-token step) with static self K/V and cross K/V buffers; returns
-    logits and the new self K/V rows.
+    """T tokens (T symbolic: the runtime runs it at 1, the step, and at K, the block) with static
+    self K/V and cross K/V buffers; returns logits `[1, T, vocab]` and the T new self K/V rows.
+    One graph for both sizes stores the decoder weights once (DESIGN.md section 2).
 
     `pad_head_dim_to_multiple_of` only zero-pads q, k and v inside transformers' attention (the
     scaling stays that of the true head_dim), so it changes nothing numerically and is not done.
@@ -156,29 +155,25 @@ class MoonshineDecoderStep(nn.Module):
     """
 
     def __init__(self, model: MoonshineStreamingForConditionalGeneration, max_tokens: int,
-                 max_memory_frames: int, block: int = 1) -> None:
+                 max_memory_frames: int) -> None:
         super().__init__()
-        if block < 1:
-            raise ValueError(f"block must be >= 1 token, got {block}")
         self.dec = model.model.decoder
         self.proj_out = model.proj_out
         self.head_dim = model.config.head_dim
-        self.block = block
         self.register_buffer("token_rows", torch.arange(max_tokens), persistent=False)
         self.register_buffer("memory_rows", torch.arange(max_memory_frames), persistent=False)
-        self.register_buffer("offsets", torch.arange(block), persistent=False)
-        self.register_buffer("own_ok", torch.ones(block, block, dtype=torch.bool).tril(),
-                             persistent=False)
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, memory_length: torch.Tensor,
                 *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n, k = len(self.dec.layers), self.block
+        n, k = len(self.dec.layers), token.shape[1]
         self_kv, cross_kv = states[:2 * n], states[2 * n:]
         x = self.dec.embed_tokens(token)
-        cos, sin = self.dec.rotary_emb(x, (position + self.offsets).view(1, k))
+        offsets = torch.arange(k, device=token.device)
+        cos, sin = self.dec.rotary_emb(x, (position + offsets).view(1, k))
         # cached rows before `position` (for every block token), plus block rows 0..j (causal)
         cached_ok = (self.token_rows < position).view(1, -1).expand(k, -1)
-        self_ok = torch.cat([cached_ok, self.own_ok], dim=1).view(1, 1, k, -1)
+        own_ok = offsets.view(1, -1) <= offsets.view(-1, 1)
+        self_ok = torch.cat([cached_ok, own_ok], dim=1).view(1, 1, k, -1)
         cross_ok = (self.memory_rows < memory_length).view(1, 1, 1, -1)
         rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.dec.layers):
@@ -197,6 +192,4 @@ class MoonshineDecoderStep(nn.Module):
                                       ca.scaling))
             x = x + layer.mlp(layer.final_layernorm(x))
             rows += [key, v]
-        logits = self.proj_out(self.dec.norm(x))
-        # the one-token step keeps its `[1, vocab]` logits; a block returns `[1, K, vocab]`
-        return (logits[:, 0, :] if k == 1 else logits, *rows)
+        return (self.proj_out(self.dec.norm(x)), *rows)

@@ -25,6 +25,7 @@ from transformers.models.moonshine_streaming import modeling_moonshine_streaming
 
 from edgestream.export.errors import ExportError
 from edgestream.runtime.bundle import Bundle
+from edgestream.runtime.decode import block_graph
 from edgestream.runtime.session import GraphSession, SessionConfig
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.audio.wav import read_wav, to_mono
@@ -102,11 +103,10 @@ def _stream(bundle: Bundle, audio: np.ndarray, frames_real: int
     return store, ours, length
 
 
-def _block_logits(block: GraphSession, store: StateStore, seq: list[int], memory_length: int,
-                  pad: int) -> np.ndarray:
-    """Teacher-force `seq` through `decoder_block` from position 0, K tokens per pass, writing
+def _block_logits(block: GraphSession, k: int, store: StateStore, seq: list[int],
+                  memory_length: int, pad: int) -> np.ndarray:
+    """Teacher-force `seq` through the decoder from position 0, K tokens per pass, writing
     its rows through `store`; returns the logits of every position `[len(seq), vocab]`."""
-    k = block.spec.input("token").shape[1]
     out: list[np.ndarray] = []
     for start in range(0, len(seq), k):
         chunk = seq[start:start + k]
@@ -115,7 +115,7 @@ def _block_logits(block: GraphSession, store: StateStore, seq: list[int], memory
                           "memory_length": np.array([memory_length], np.int64),
                           **store.feeds(block.spec.name)})
         store.update(block.spec.name, outs, position=start)
-        out.append(outs["logits"][0, :len(chunk)])
+        out.append(outs["logits"].reshape(k, -1)[:len(chunk)])
     return np.concatenate(out)
 
 
@@ -148,7 +148,8 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
     semantics = m.extra["window_semantics"]
     start, eos = m.decoding.prompt[0], m.tokenizer.special["eos"]
     max_new = min(max_new, m.decoding.max_tokens - 1)
-    block = bundle.sessions.get("decoder_block")
+    graph, k = block_graph(bundle, "token")
+    block = bundle.sessions[graph] if k > 1 else None
     frame_len = model.model.encoder.embedder.frame_len
     report: dict = {"clips": [], "tolerance": TOLERANCE, "window_semantics": semantics,
                     "chunk_frames": m.extra["chunk_frames"]}
@@ -174,7 +175,7 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
             if block is not None:  # on a copy taken before the steps below write the self K/V
                 copy = StateStore(m)
                 copy.buffers.update({k: v.copy() for k, v in store.buffers.items()})
-                ours_block = _block_logits(block, copy, seq, length, eos)
+                ours_block = _block_logits(block, k, copy, seq, length, eos)
                 block_diff = float(np.abs(ours_block - full).max())
             logits = []
             for pos, token in enumerate(seq):
@@ -182,7 +183,7 @@ def check_moonshine_parity(model: MoonshineStreamingForConditionalGeneration, bu
                     {"token": np.array([[token]], np.int64), "position": np.array([pos], np.int64),
                      "memory_length": np.array([length], np.int64), **store.feeds("decoder")})
                 store.update("decoder", outs, position=pos)
-                logits.append(outs["logits"][0])
+                logits.append(outs["logits"].reshape(-1, outs["logits"].shape[-1])[0])
             ours_logits = np.stack(logits)
             argmax = [int(t) for t in ours_logits.argmax(-1)]
             expected = ref_tokens + ([eos] if len(ref_tokens) < max_new else [])

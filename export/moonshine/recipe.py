@@ -14,10 +14,10 @@ How the runtime drives the bundle (recorded in the manifest's `extra.protocol` t
    and add their count to the length (at most `extra.max_memory_frames`).
 4. `decoder` per token: `position` = token index, `memory_length` = rows appended so far; append
    its `new_self_*` rows at `position`.
-5. `decoder_block` (when `extra.block_tokens` > 0): the same for K tokens at once, `position` = the
-   first one's index; append its K `new_self_*` rows at `position` (rows past a shorter prefix or
-   past `max_tokens` are never read). It shares every state buffer with `decoder` (the cross K/V
-   read-only): teacher-force a prefix, or re-score the previous hypothesis in one pass.
+5. The same graph at K tokens (`dims.tokens` lists 1 and K when `extra.block_tokens` > 0),
+   `position` = the first one's index; append its K `new_self_*` rows at `position` (rows past a
+   shorter prefix or past `max_tokens` are never read): teacher-force a prefix, or re-score the
+   previous hypothesis in one pass. One graph, so the decoder weights are stored once.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _check_options(model: MoonshineStreamingForConditionalGeneration, chunk_fram
                    block_tokens: int) -> None:
     cfg = model.config
     if block_tokens != 0 and block_tokens < 2:
-        raise ExportError(f"block_tokens {block_tokens}: use 0 (no decoder_block graph) or >= 2")
+        raise ExportError(f"block_tokens {block_tokens}: use 0 (step only) or >= 2")
     if not 1 <= chunk_frames <= MAX_CHUNK_FRAMES:
         raise ExportError(f"chunk_frames {chunk_frames}: use 1..{MAX_CHUNK_FRAMES} encoder frames "
                           "(20..320 ms)")
@@ -119,9 +119,9 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
                             window_semantics: str = "transformers",
                             max_memory_frames: int = 1500, max_tokens: int = 256,
                             block_tokens: int = BLOCK_TOKENS) -> dict:
-    """Write encoder.onnx, memory.onnx, decoder.onnx, decoder_block.onnx (unless `block_tokens`
-    is 0) and tokenizer.json into `out`; return the manifest dict (without parity, which the
-    caller adds after checking). A `block_tokens` above `max_tokens` is cut to it."""
+    """Write encoder.onnx, memory.onnx, decoder.onnx (token axis run at 1 and `block_tokens`;
+    0: the step only) and tokenizer.json into `out`; return the manifest dict (without parity,
+    which the caller adds after checking). A `block_tokens` above `max_tokens` is cut to it."""
     model = parts.model
     _check_options(model, chunk_frames, window_semantics, max_memory_frames, max_tokens,
                    block_tokens)
@@ -155,32 +155,28 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
                  ["frames", "positions"], [f"cross_{name}" for name in kv])
     self_kv = [torch.zeros(1, heads, max_tokens, head_dim) for _ in kv]
     cross_kv = [torch.zeros(1, heads, max_memory_frames, head_dim) for _ in kv]
-    # the step and the block share every state name, so one StateStore feeds both
-    decoders = [("decoder", 1)] + ([("decoder_block", block)] if block else [])
-    for graph, k in decoders:
-        export_graph(MoonshineDecoderStep(model, max_tokens, max_memory_frames, k),
-                     (torch.zeros(1, k, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                      torch.ones(1, dtype=torch.long), *self_kv, *cross_kv),
-                     out / f"{graph}.onnx",
-                     ["token", "position", "memory_length", *[f"self_{x}" for x in kv],
-                      *[f"cross_{x}" for x in kv]],
-                     ["logits", *[f"new_self_{x}" for x in kv]])
+    # traced at 2 tokens: torch.export specializes an example size of 1
+    export_graph(MoonshineDecoderStep(model, max_tokens, max_memory_frames),
+                 (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                  torch.ones(1, dtype=torch.long), *self_kv, *cross_kv),
+                 out / "decoder.onnx",
+                 ["token", "position", "memory_length", *[f"self_{x}" for x in kv],
+                  *[f"cross_{x}" for x in kv]],
+                 ["logits", *[f"new_self_{x}" for x in kv]],
+                 dynamic={"token": (1, "tokens", max_tokens)})
     (out / "tokenizer.json").write_text(parts.tokenizer_json)
 
     states = [{"name": name, "graph": "encoder", "input": name, "output": f"new_{name}",
                "shape": shape, "dtype": "float32", "init": 0.0, "update": "replace"}
               for name, shape in enc_states]
-    shared = {"shared_with": ["decoder_block"]} if block else {}
     for x in kv:
-        # the block only reads cross K/V (the memory graph writes it): `read_only` says so
         states.append({"name": f"cross_{x}", "graph": "decoder", "input": f"cross_{x}",
                        "output_graph": "memory", "output": f"cross_{x}",
                        "shape": [1, heads, max_memory_frames, head_dim], "dtype": "float32",
-                       "init": 0.0, "update": "append", "axis": 2,
-                       **({**shared, "read_only": ["decoder_block"]} if block else {})})
+                       "init": 0.0, "update": "append", "axis": 2})
         states.append({"name": f"self_{x}", "graph": "decoder", "input": f"self_{x}",
                        "output": f"new_self_{x}", "shape": [1, heads, max_tokens, head_dim],
-                       "dtype": "float32", "init": 0.0, "update": "append", "axis": 2, **shared})
+                       "dtype": "float32", "init": 0.0, "update": "append", "axis": 2})
     sample_rate = ecfg.sample_rate
     return {
         "schema_version": 1, "family": FAMILY, "pipeline": "streaming_encoder_decoder",
@@ -188,8 +184,10 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
         "audio": {"sample_rate": sample_rate, "chunk_samples": n * frame_samples,
                   "lookahead_samples": lookahead * frame_samples,
                   "frame_rate": sample_rate / frame_samples},
-        "graphs": [graph_entry(g, out / f"{g}.onnx")
-                   for g in ("encoder", "memory", *(g for g, _ in decoders))],
+        "graphs": [graph_entry("encoder", out / "encoder.onnx"),
+                   graph_entry("memory", out / "memory.onnx"),
+                   graph_entry("decoder", out / "decoder.onnx",
+                               sizes={"tokens": [1, block] if block else [1]})],
         "states": states,
         "tokenizer": {"file": "tokenizer.json", "special": parts.special},
         "decoding": {"max_tokens": max_tokens, "prompt": [parts.special["decoder_start"]]},
@@ -201,15 +199,14 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
             "encoder_lookahead_frames": lookahead,
             "flush_chunks": math.ceil(lookahead / n),
             "max_memory_frames": max_memory_frames,
-            "block_tokens": block,  # K of decoder_block; 0: the bundle has none
+            "block_tokens": block,  # K of the decoder's block size; 0: step only
             "protocol": {
                 "valid": f"encoder frame i is real when samples [{frame_samples} i, "
                          f"{frame_samples} i + {emb.frame_len}) hold audio; flush with zeros",
                 "memory": "append rows where frames_valid is 1 at memory_length; positions = "
                           "each real frame's row index",
-                "decoder": "append new_self_* at position; memory_length = appended rows",
-                "decoder_block": "K tokens from position; append its K new_self_* rows at "
-                                 "position; shares the decoder's states (cross K/V read-only)"},
+                "decoder": "1 or K tokens from position (dims.tokens); append the new_self_* "
+                           "rows at position; memory_length = appended rows"},
             "model": {"d_model_encoder": d_enc, "d_model_decoder": cfg.hidden_size,
                       "encoder_layers": ecfg.num_hidden_layers, "decoder_layers": layers,
                       "encoder_heads": ecfg.num_attention_heads, "decoder_heads": heads,

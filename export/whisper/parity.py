@@ -4,7 +4,7 @@ against the transformers model run on the whole input.
 Per clip (its first window): the runtime's log-mel vs `WhisperFeatureExtractor`; greedy tokens of
 both sides (the reference is a full forward per step with the same suppression rules); the
 runtime's step logits vs one teacher-forced transformers forward over the whole sequence; and,
-when the bundle has a `decoder_block` graph, that sequence teacher-forced through it K tokens per
+when the decoder runs at K tokens too, that sequence teacher-forced through it K tokens per
 pass (its own StateStore, the last block padded and overhanging as the runtime may do) against the
 same forward at every position.
 """
@@ -51,12 +51,11 @@ def _reference_greedy(model: WhisperForConditionalGeneration, features: torch.Te
     return tokens
 
 
-def block_logits(block: GraphSession, store: StateStore, seq: list[int], pad: int
+def block_logits(block: GraphSession, k: int, store: StateStore, seq: list[int], pad: int
                  ) -> np.ndarray:
-    """Teacher-force `seq` through a `decoder_block` graph from position 0, K tokens per pass,
-    writing its rows through `store`; returns the logits of every position `[len(seq), vocab]`.
+    """Teacher-force `seq` through the decoder from position 0, K tokens per pass, writing its
+    rows through `store`; returns the logits of every position `[len(seq), vocab]`.
     The last block is padded with `pad`; its rows past `seq` are never read."""
-    k = block.spec.input("tokens").shape[1]
     out: list[np.ndarray] = []
     for start in range(0, len(seq), k):
         chunk = seq[start:start + k]
@@ -65,7 +64,7 @@ def block_logits(block: GraphSession, store: StateStore, seq: list[int], pad: in
         feeds["position"] = np.array([start], dtype=np.int64)
         outs = block.run(feeds)
         store.update(block.spec.name, outs, start)
-        out.append(outs["logits"][0, :len(chunk)])
+        out.append(outs["logits"].reshape(k, -1)[:len(chunk)])
     return np.concatenate(out)
 
 
@@ -73,7 +72,7 @@ def check_whisper_parity(model: WhisperForConditionalGeneration, bundle_dir: Pat
                          clips: list[Path], max_new: int = 96) -> dict:
     """Compare bundle and model on `clips`; returns a report with `passed`."""
     engine = WhisperEngine(Bundle.open(bundle_dir, SessionConfig(provider="cpu")))
-    block = engine.bundle.sessions.get("decoder_block")
+    block = engine.decoder_block
     extractor = WhisperFeatureExtractor(feature_size=engine.mel.n_mels)
     window = engine.bundle.manifest.audio.window_samples
     max_new = min(max_new, engine.t_max - len(engine.prompt) - 1)
@@ -101,7 +100,7 @@ def check_whisper_parity(model: WhisperForConditionalGeneration, bundle_dir: Pat
             store = StateStore(engine.bundle.manifest)
             store.update("encoder", engine.encoder.run({engine.encoder.spec.inputs[0].name:
                                                         engine.mel(audio)[None]}))
-            ours_block = block_logits(block, store, seq, engine.eot)
+            ours_block = block_logits(block, engine.block_size, store, seq, engine.eot)
             entry["max_block_logit_diff"] = float(np.abs(ours_block - full.numpy()).max())
         report["clips"].append(entry)
     report["max_logit_diff"] = max(c["max_logit_diff"] for c in report["clips"])

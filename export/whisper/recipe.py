@@ -25,7 +25,8 @@ HOP = 160
 BLOCK_TOKENS = 16  # tokens per decoder_block pass (DESIGN.md section 8)
 _SPECIALS = {"sot": "<|startoftranscript|>", "eot": "<|endoftext|>",
              "no_timestamps": "<|notimestamps|>", "timestamp_begin": "<|0.00|>",
-             "transcribe": "<|transcribe|>", "sot_prev": "<|startofprev|>"}
+             "transcribe": "<|transcribe|>", "translate": "<|translate|>",
+             "sot_prev": "<|startofprev|>"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class WhisperParts:
     suppress: tuple[int, ...]
     suppress_at_begin: tuple[int, ...]
     source: dict[str, str]
+    languages: dict[str, int]  # empty for English-only models
 
 
 def _special_ids(tok: Tokenizer) -> dict[str, int]:
@@ -77,8 +79,10 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
     special = _special_ids(Tokenizer.from_str(tokenizer_json))
     gen = model.generation_config
     prompt = [special["sot"]]
+    languages: dict[str, int] = {}
     if getattr(gen, "is_multilingual", False):
         lang_ids = getattr(gen, "lang_to_id", {}) or {}
+        languages = {k.strip("<|>"): int(v) for k, v in lang_ids.items()}
         lang = lang_ids.get(f"<|{language}|>")
         if lang is None:
             raise ExportError(f"language {language!r} is not one this model knows")
@@ -89,22 +93,22 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
         model=model, tokenizer_json=tokenizer_json, special=special, prompt=tuple(prompt),
         suppress=tuple(int(t) for t in (gen.suppress_tokens or [])),
         suppress_at_begin=tuple(int(t) for t in (gen.begin_suppress_tokens or [])),
-        source=source)
+        source=source, languages=languages)
 
 
 def export_whisper_graphs(parts: WhisperParts, out: Path,
                           block_tokens: int = BLOCK_TOKENS) -> dict:
-    """Write encoder.onnx, decoder.onnx, decoder_block.onnx (unless `block_tokens` is 0) and
-    tokenizer.json into `out`; return the manifest dict (without parity, which the caller adds
-    after checking).
+    """Write encoder.onnx, decoder.onnx and tokenizer.json into `out`; return the manifest dict
+    (without parity, which the caller adds after checking).
 
-    `block_tokens`: K of the `decoder_block` graph, which teacher-forces or re-scores K tokens in
-    one pass over the step's own state buffers; 0 leaves it out (it carries a second copy of the
-    decoder weights). A K beyond the model's positions is cut to them."""
+    The decoder graph's token axis is symbolic and run at exactly two sizes, 1 (the step) and
+    `block_tokens` (K: teacher-forcing or re-scoring K tokens in one pass over the same state
+    buffers), so the bundle carries the decoder weights once. 0 declares the step only. A K
+    beyond the model's positions is cut to them."""
     cfg = parts.model.config
     t_max = cfg.max_target_positions
     if block_tokens != 0 and block_tokens < 2:
-        raise ExportError(f"block_tokens {block_tokens}: use 0 (no decoder_block graph) or >= 2")
+        raise ExportError(f"block_tokens {block_tokens}: use 0 (step only) or >= 2")
     block = min(block_tokens, t_max)
     # optimum's normalized view reads width/heads/vocab the same way for every Whisper-like config
     norm = NormalizedConfigManager.get_normalized_config_class("whisper")(cfg)
@@ -118,28 +122,24 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
     cross_kv = [torch.zeros(1, heads, cfg.max_source_positions, head_dim)
                 for _ in range(2 * cfg.decoder_layers)]
     names = [f"{kv}_{i}" for i in range(cfg.decoder_layers) for kv in "kv"]
-    # the step and the block share every state name, so one StateStore feeds both
     inputs = ["tokens", "position", *[f"self_{n}" for n in names], *[f"cross_{n}" for n in names]]
     outputs = ["logits", *[f"new_self_{n}" for n in names]]
-    decoders = [("decoder", 1)] + ([("decoder_block", block)] if block else [])
-    for graph, k in decoders:
-        export_graph(WhisperDecoderStep(parts.model, k),
-                     (torch.zeros(1, k, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                      *self_kv, *cross_kv),
-                     out / f"{graph}.onnx", inputs, outputs)
+    # traced at 2 tokens: torch.export specializes an example size of 1
+    export_graph(WhisperDecoderStep(parts.model),
+                 (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                  *self_kv, *cross_kv),
+                 out / "decoder.onnx", inputs, outputs, dynamic={"tokens": (1, "tokens", t_max)})
     (out / "tokenizer.json").write_text(parts.tokenizer_json)
-    shared = {"shared_with": ["decoder_block"]} if block else {}
     states = []
     for n in names:
-        # the block only reads cross K/V (the encoder writes it): `read_only` says so explicitly
         states.append({"name": f"cross_{n}", "graph": "decoder", "input": f"cross_{n}",
                        "output_graph": "encoder", "output": f"cross_{n}",
                        "shape": [1, heads, cfg.max_source_positions, head_dim],
-                       "dtype": "float32", "update": "replace",
-                       **({**shared, "read_only": ["decoder_block"]} if block else {})})
+                       "dtype": "float32", "update": "replace"})
         states.append({"name": f"self_{n}", "graph": "decoder", "input": f"self_{n}",
                        "output": f"new_self_{n}", "shape": [1, heads, t_max, head_dim],
-                       "dtype": "float32", "update": "append", "axis": 2, **shared})
+                       "dtype": "float32", "update": "append", "axis": 2})
+    sizes = {"tokens": [1, block] if block else [1]}
     return {
         "schema_version": 1, "family": "whisper", "pipeline": "whisper_window",
         "source": parts.source,
@@ -147,13 +147,14 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
                   "lookahead_samples": 0, "frame_rate": SAMPLE_RATE / HOP,
                   "window_samples": n_frames * HOP},
         "graphs": [graph_entry("encoder", out / "encoder.onnx"),
-                   *(graph_entry(g, out / f"{g}.onnx") for g, _ in decoders)],
+                   graph_entry("decoder", out / "decoder.onnx", sizes=sizes)],
         "states": states,
         "tokenizer": {"file": "tokenizer.json", "special": parts.special},
         "decoding": {"max_tokens": t_max, "prompt": list(parts.prompt),
                      "suppress": list(parts.suppress),
-                     "suppress_at_begin": list(parts.suppress_at_begin)},
-        "extra": {"block_tokens": block,  # K of decoder_block; 0: the bundle has none
+                     "suppress_at_begin": list(parts.suppress_at_begin),
+                     **({"languages": parts.languages} if parts.languages else {})},
+        "extra": {"block_tokens": block,  # K of the decoder's block size; 0: step only
                   "model": {"d_model": d, "encoder_layers": cfg.encoder_layers,
                             "decoder_layers": cfg.decoder_layers, "heads": heads,
                             "vocab": norm.vocab_size}},

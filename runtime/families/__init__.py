@@ -23,14 +23,15 @@ BUILTIN = ("edgestream.runtime.families.whisper.family",
 class Family:
     """`options`: the frozen dataclass of the family's stream options; `cadence_option`: which
     of them is the partial cadence in ms; `make_policy(bundle, options)` -> (policy, the
-    stream's state store); `transcribe(model, samples)` -> Transcript of 16 kHz mono audio."""
+    stream's state store); `transcribe(model, samples, options)` -> Transcript of 16 kHz mono
+    audio with the family's options."""
 
     name: str
     pipeline: str
     options: type
     cadence_option: str
     make_policy: Callable[[Any, Any], tuple[Any, Any]]
-    transcribe: Callable[[Any, np.ndarray], Any]
+    transcribe: Callable[[Any, np.ndarray, Any], Any]
 
 
 REGISTRY: dict[str, Family] = {}

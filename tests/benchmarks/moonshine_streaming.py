@@ -7,7 +7,7 @@ the first --seconds of two_cities.wav, engines rotated per run, after an untimed
 2. the stream as the driver runs it (push per chunk, a partial once 200 ms arrived since the last,
    i.e. every 240 ms at 80 ms chunks, then flush + final) in compute seconds per audio second.
    Random weights never say eos: each decode yields round(3 tokens/s x audio so far) tokens
-   (`stop_at_eos=False`), re-scoring the last partial via `decoder_block` ("rescored") or from
+   (`stop_at_eos=False`), re-scoring the last partial via the decoder's K-token pass ("rescored") or from
    scratch (`hint=()`, "naive"). "hint kept": share of a partial that the next one kept; random
    weights keep far less than trained ones, so "stable" re-scores a hint that is the result's
    prefix of the last partial's length (found by an untimed decode): the best case. int8 block
@@ -94,7 +94,7 @@ def prepare(size: str, root: Path, chunk_ms: int, int8: bool, clip: Path) -> dic
     info = dict(params=params, parity=parity, export_s=time.perf_counter() - t0,
                 bundles={"fp32": root / "fp32"})
     # int8: every model graph; int8enc: the audio side only, decoders fp32 (exact re-scoring)
-    for name, graphs in (("int8", ("encoder", "memory", "decoder", "decoder_block")),
+    for name, graphs in (("int8", ("encoder", "memory", "decoder")),
                          ("int8enc", ("encoder", "memory"))) if int8 else ():
         shutil.copytree(root / "fp32", root / name, dirs_exist_ok=True)
         data = quantize_graphs(root / name, json.loads((root / "fp32/manifest.json").read_text()),

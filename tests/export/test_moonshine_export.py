@@ -19,7 +19,7 @@ from edgestream.runtime.state import StateStore
 torch = pytest.importorskip("torch")
 
 MAX_MEMORY, MAX_TOKENS = 640, 48
-BLOCK = 16  # the recipe's default decoder_block size
+BLOCK = 16  # the recipe's default block size (the decoder's second token count)
 SPEECH_CLIP = "two_cities.wav"
 
 
@@ -74,7 +74,7 @@ def _assert_parity(report: dict, clips: int) -> None:
     assert report["passed"], json.dumps(report, indent=2)
     assert report["identical_clips"] == len(report["clips"]) == clips
     assert report["max_encoder_diff"] <= 1e-4 and report["max_logit_diff"] <= 1e-4
-    assert report["max_block_logit_diff"] <= 1e-4  # decoder_block, K tokens per pass
+    assert report["max_block_logit_diff"] <= 1e-4  # the decoder at K tokens per pass
     for c in report["clips"]:
         assert c["streamed_frames"] == c["encoder_frames"]  # the flush released every frame
         assert c["tokens"] > 5
@@ -84,7 +84,7 @@ def test_bundle_contract(bundles) -> None:
     root = bundles(4)
     m = load_manifest(root)
     assert (m.family, m.pipeline) == ("moonshine_streaming", "streaming_encoder_decoder")
-    assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder", "decoder_block"]
+    assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder"]
     enc = m.graph("encoder")
     assert enc.input("audio").shape == (1, 4 * 320) and enc.input("valid").shape == (1, 4)
     assert enc.output("frames").shape == (1, 4, 32)
@@ -109,24 +109,16 @@ def test_bundle_contract(bundles) -> None:
             assert cross.shape == (1, 4, MAX_MEMORY, 10)
             assert m.graph("memory").output(cross.output).shape == (1, 4, 4, 10)
             assert (own.update, own.axis, own.shape) == ("append", 2, (1, 4, MAX_TOKENS, 10))
-            assert m.graph("decoder").output(own.output).shape == (1, 4, 1, 10)
-            # the block shares both buffers by name: appends K self rows, only reads cross K/V
-            assert (own.shared_with, own.read_only) == (("decoder_block",), ())
-            assert (cross.shared_with, cross.read_only) == (("decoder_block",), ("decoder_block",))
-            assert m.graph("decoder_block").output(own.output).shape == (1, 4, BLOCK, 10)
-            assert not cross.writes("decoder_block") and own.writes("decoder_block")
+            # one graph at 1 or K tokens appends that many self rows
+            assert m.graph("decoder").output(own.output).shape == (1, 4, "tokens", 10)
+            assert not own.shared_with and not cross.shared_with
     assert len(m.states) == len(expected) + 8
-    step, block = m.graph("decoder"), m.graph("decoder_block")
-    assert m.extra["block_tokens"] == BLOCK
+    step = m.graph("decoder")
+    assert m.extra["block_tokens"] == BLOCK and step.dims == {"tokens": (1, BLOCK)}
     assert [(t.name, t.shape) for t in step.inputs[:3]] == [
-        ("token", (1, 1)), ("position", (1,)), ("memory_length", (1,))]
-    assert [(t.name, t.shape) for t in block.inputs[:3]] == [
-        ("token", (1, BLOCK)), ("position", (1,)), ("memory_length", (1,))]
-    assert step.output("logits").shape == (1, 50)
-    assert block.output("logits").shape == (1, BLOCK, 50)
-    assert [(t.name, t.shape) for t in block.inputs[3:]] == [
-        (t.name, t.shape) for t in step.inputs[3:]]
-    assert [t.name for t in block.outputs] == [t.name for t in step.outputs]
+        ("token", (1, "tokens")), ("position", (1,)), ("memory_length", (1,))]
+    assert step.output("logits").shape == (1, "tokens", 50)
+    assert not list(root.glob("decoder_block*"))  # the decoder weights are stored once
     assert m.decoding.prompt == (1,) and m.tokenizer.special["eos"] == 2
     bundle = Bundle.open(root)
     store = StateStore(m)
@@ -193,8 +185,8 @@ def test_bad_options_are_refused(parts, tmp_path: Path, kwargs: dict, field: str
 
 
 def test_block_size_option(parts, tmp_path: Path) -> None:
-    """block_tokens 0 leaves decoder_block out (no shared states); a block longer than the cache
-    is cut to max_tokens."""
+    """block_tokens 0 declares the step only; a block longer than the cache is cut to
+    max_tokens."""
     from edgestream.export.moonshine.recipe import export_moonshine_graphs
 
     (tmp_path / "none").mkdir()
@@ -202,10 +194,9 @@ def test_block_size_option(parts, tmp_path: Path) -> None:
                                    block_tokens=0)
     m = parse_manifest(data)
     assert [g.name for g in m.graphs] == ["encoder", "memory", "decoder"]
-    assert m.extra["block_tokens"] == 0 and not any(s.shared_with for s in m.states)
-    assert not (tmp_path / "none" / "decoder_block.onnx").exists()
+    assert m.extra["block_tokens"] == 0 and m.graph("decoder").dims == {"tokens": (1,)}
     (tmp_path / "long").mkdir()
     m = parse_manifest(export_moonshine_graphs(parts, tmp_path / "long", 4, "transformers", 64, 8,
                                                block_tokens=32))
-    assert m.graph("decoder_block").input("token").shape == (1, 8)
-    assert m.graph("decoder_block").output("logits").shape == (1, 8, 50)
+    assert m.graph("decoder").dims == {"tokens": (1, 8)}
+    assert m.graph("decoder").output("logits").shape == (1, "tokens", 50)

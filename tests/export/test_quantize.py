@@ -27,8 +27,8 @@ def _quantized_copy(src: Path, dst: Path) -> tuple[Path, list[str]]:
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     names = {g["name"] for g in manifest["graphs"]}
-    graphs = tuple(g for g in ("encoder", "decoder", "decoder_block") if g in names)
-    out = quantize_graphs(dst, manifest, graphs)
+    graphs = tuple(g for g in ("encoder", "decoder") if g in names)
+    out = quantize_graphs(dst, manifest, graphs, per_channel=False)  # one scale per tensor
     (dst / "manifest.json").write_text(json.dumps(out, indent=2))
     return dst, [g["file"] for g in out["graphs"] if g["name"] in graphs]
 
@@ -95,7 +95,7 @@ def test_fold_keeps_gather_on_original_and_gets_quantized(tmp_path: Path) -> Non
     with pytest.raises(QuantizeError, match="no graph named nope"):
         quantize_graphs(folder, out, ("nope",))
     with pytest.raises(QuantizeError, match="not supported"):
-        quantize_graphs(folder, out, ("g",), mode="int4")
+        quantize_graphs(folder, out, {"g": "int2"})
 
 
 def test_tampered_graph_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -120,22 +120,23 @@ def test_tiny_bundle_int8(tiny_bundle: Path, tmp_path: Path) -> None:
         assert all(s < BIG for s in _fp32_matmul_weights(folder / name)), name
     assert any(s >= BIG for s in _fp32_matmul_weights(tiny_bundle / "decoder.onnx"))
     assert (folder / "encoder.onnx").stat().st_size < (tiny_bundle / "encoder.onnx").stat().st_size
-    # the decoder keeps the fp32 embedding for its Gather beside the int8 projection, which
-    # dominates this tiny model: it grows by at most that int8 copy
+    # the vocabulary matrix dominates this tiny model and is stored once, as int8: the decoder
+    # shrinks to about a quarter
     assert ((folder / "decoder.onnx").stat().st_size
-            < (tiny_bundle / "decoder.onnx").stat().st_size + vocab * d_model)
+            < 0.35 * (tiny_bundle / "decoder.onnx").stat().st_size)
     enc = onnx.load(str(folder / "encoder.onnx")).graph
     assert [n.op_type for n in enc.node].count("Conv") == 2  # the conv front end stays fp32
     dec = onnx.load(str(folder / "decoder.onnx")).graph
     fp32 = {i.name: tuple(i.dims) for i in dec.initializer if i.data_type == TensorProto.FLOAT}
-    gathered = [fp32.get(n.input[0]) for n in dec.node if n.op_type == "Gather"]
-    assert (vocab, d_model) in gathered  # the token embedding Gather still reads fp32
+    # the token embedding Gather reads the projection's int8 weights: no fp32 table is left
+    assert (vocab, d_model) not in fp32.values() and (d_model, vocab) not in fp32.values()
 
     ref = Bundle.open(tiny_bundle)
     mel = np.random.default_rng(1).standard_normal((1, 80, 3000)).astype(np.float32)
     cross = ref.sessions["encoder"].run({"mel": mel})
     enc_err = _rel_rms(bundle.sessions["encoder"].run({"mel": mel}), cross)
-    feeds = {t.name: np.zeros(t.shape, t.dtype) for t in ref.manifest.graph("decoder").inputs}
+    feeds = {t.name: np.zeros([1 if isinstance(d, str) else d for d in t.shape], t.dtype)
+             for t in ref.manifest.graph("decoder").inputs}
     feeds.update({k: v for k, v in cross.items() if k in feeds})
     feeds["tokens"] = np.array([[50257]], dtype=np.int64)
     feeds["position"] = np.array([0], dtype=np.int64)

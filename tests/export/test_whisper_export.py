@@ -15,20 +15,20 @@ from edgestream.runtime.manifest import load_manifest
 from edgestream.runtime.session import SessionConfig
 from edgestream.runtime.state import StateStore
 
-BLOCK = 16  # the recipe's default decoder_block size
+BLOCK = 16  # the recipe's default block size (the decoder's second token count)
 
 
 def test_tiny_bundle_contract(tiny_bundle: Path) -> None:
     m = load_manifest(tiny_bundle)
     assert (m.family, m.pipeline) == ("whisper", "whisper_window")
-    assert {g.name for g in m.graphs} == {"encoder", "decoder", "decoder_block", "vad"}
+    assert {g.name for g in m.graphs} == {"encoder", "decoder", "vad"}
     assert m.graph("encoder").inputs[0].shape == (1, 80, 3000)  # Whisper insists on 3000 frames
     self_kv = [s for s in m.states if s.name.startswith("self_")]
     cross_kv = [s for s in m.states if s.name.startswith("cross_")]
     assert len(self_kv) == len(cross_kv) == 4  # k and v per layer, never stacked
     for s in self_kv:  # decoder returns only the new row; the runtime appends it at `position`
         assert (s.update, s.axis, s.shape) == ("append", 2, (1, 4, 64, 16))
-        assert m.graph("decoder").output(s.output).shape == (1, 4, 1, 16)
+        assert m.graph("decoder").output(s.output).shape == (1, 4, "tokens", 16)
     for s in cross_kv:  # filled by the encoder graph, read by the decoder
         assert (s.output_graph, s.graph, s.update) == ("encoder", "decoder", "replace")
     assert m.audio.sample_rate == 16000 and m.audio.window_samples == 480000
@@ -40,26 +40,23 @@ def test_tiny_bundle_contract(tiny_bundle: Path) -> None:
 
 
 def test_tiny_block_contract(tiny_bundle: Path) -> None:
-    """decoder_block: the step's signature over K tokens, sharing every decoder state by name."""
+    """One decoder graph whose token axis is symbolic and declared at exactly 1 and K: the
+    decoder weights are in the bundle once (no second graph, no shared buffers between graphs)."""
+    import onnx
+
     m = load_manifest(tiny_bundle)
-    step, block = m.graph("decoder"), m.graph("decoder_block")
-    assert m.extra["block_tokens"] == BLOCK
-    assert [(t.name, t.shape) for t in step.inputs[:2]] == [("tokens", (1, 1)), ("position", (1,))]
-    assert [(t.name, t.shape) for t in block.inputs[:2]] == [("tokens", (1, BLOCK)),
-                                                             ("position", (1,))]
-    assert step.output("logits").shape == (1, 51864)  # the runtime's one-token step, as before
-    assert block.output("logits").shape == (1, BLOCK, 51864)
-    assert [t.name for t in block.inputs] == [t.name for t in step.inputs]
-    assert [t.name for t in block.outputs] == [t.name for t in step.outputs]
-    assert [t.shape for t in block.inputs[2:]] == [t.shape for t in step.inputs[2:]]
-    for s in m.states:
-        if s.name.startswith("self_"):  # the block appends K rows into the step's buffer
-            assert (s.shared_with, s.read_only) == (("decoder_block",), ())
-            assert block.output(s.output).shape == (1, 4, BLOCK, 16)
-            assert s.reads("decoder_block") and s.writes("decoder_block")
-        elif s.name.startswith("cross_"):  # written by the encoder, read by both decoders
-            assert (s.shared_with, s.read_only) == (("decoder_block",), ("decoder_block",))
-            assert s.reads("decoder_block") and not s.writes("decoder_block")
+    step = m.graph("decoder")
+    assert m.extra["block_tokens"] == BLOCK and step.dims == {"tokens": (1, BLOCK)}
+    assert [(t.name, t.shape) for t in step.inputs[:2]] == [("tokens", (1, "tokens")),
+                                                            ("position", (1,))]
+    assert step.output("logits").shape == (1, "tokens", 51864)
+    assert not any(s.shared_with for s in m.states)
+    assert not list(tiny_bundle.glob("decoder_block*"))
+    # the vocabulary matrix (51864 x 64) is stored once in the whole bundle
+    vocab = [i.name for g in ("encoder", "decoder")
+             for i in onnx.load(str(tiny_bundle / f"{g}.onnx")).graph.initializer
+             if 51864 in i.dims]
+    assert len(vocab) == 1, vocab
     assert m.parity["max_block_logit_diff"] <= 1e-3
     assert all(c["max_block_logit_diff"] <= 1e-3 for c in m.parity["clips"])
 
@@ -80,25 +77,25 @@ def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
                                          "position": np.array([pos], np.int64),
                                          **store.feeds("decoder")})
         store.update("decoder", out, pos)
-        return out["logits"][0]
+        return out["logits"][0, 0]
 
     stepped, blocked = StateStore(m), StateStore(m)
     for store in (stepped, blocked):
         store.update("encoder", cross)
     by_step = [step(stepped, t, i) for i, t in enumerate(prefix)]
-    out = b.sessions["decoder_block"].run(
+    out = b.sessions["decoder"].run(
         {"tokens": np.array([prefix + [0] * (BLOCK - len(prefix))], np.int64),
-         "position": np.array([0], np.int64), **blocked.feeds("decoder_block")})
-    blocked.update("decoder_block", out, 0)
+         "position": np.array([0], np.int64), **blocked.feeds("decoder")})
+    blocked.update("decoder", out, 0)
     np.testing.assert_allclose(out["logits"][0, :len(prefix)], np.stack(by_step), atol=1e-4)
     np.testing.assert_allclose(step(blocked, last, len(prefix)), step(stepped, last, len(prefix)),
                                atol=1e-4)
     # positions t_max - 3 .. t_max + 12: embedding index clamped, rows past the end dropped
-    out = b.sessions["decoder_block"].run(
+    out = b.sessions["decoder"].run(
         {"tokens": np.full((1, BLOCK), last, np.int64), "position": np.array([t_max - 3], np.int64),
-         **blocked.feeds("decoder_block")})
+         **blocked.feeds("decoder")})
     assert np.isfinite(out["logits"]).all()
-    blocked.update("decoder_block", out, t_max - 3)
+    blocked.update("decoder", out, t_max - 3)
     np.testing.assert_array_equal(blocked.buffers["self_k_0"][:, :, t_max - 3:],
                                   out["new_self_k_0"][:, :, :3])
 
@@ -149,35 +146,26 @@ def test_real_tiny_en_parity(real_bundle: Path) -> None:
     assert parity["max_block_logit_diff"] <= 1e-3
     assert all(c["max_block_logit_diff"] <= 1e-3 for c in parity["clips"])
     m = load_manifest(real_bundle)
-    assert m.graph("decoder_block").output("logits").shape == (1, BLOCK, 51864)
-    assert m.graph("decoder").output("logits").shape == (1, 51864)
+    assert m.graph("decoder").output("logits").shape == (1, "tokens", 51864)
+    assert m.graph("decoder").dims == {"tokens": (1, BLOCK)}
 
 
-def test_int8_export_ships_only_with_identical_greedy_tokens(tmp_path: Path) -> None:
-    """--quantize int8 (per-channel MatMul weights) ships only when every parity clip decodes to
-    the same tokens as the original model; otherwise nothing is written and the report names the
-    clip. Which of the two happens depends on the toolchain's numerics (with onnx 1.23.2 and
-    onnxscript 0.7.2 int8 changes a token on beckett.wav and is refused; the accuracy gate with
-    more power is the bundle-size issue's work), so the test checks the gate keeps its word."""
+def test_real_int8_export_passes_the_gate(tmp_path: Path) -> None:
+    """--quantize int8 on real tiny.en: the gate measures it against fp32 on the project's real
+    clips (WER within the 1-point budget, greedy-token agreement over clean and noisy windows),
+    the table is in the manifest, and the int8 graphs fit the size target (45 MB)."""
     from conftest import HUMAN_CLIPS, speech_dir
 
     clips = tuple(speech_dir() / c for c in HUMAN_CLIPS)
     out = tmp_path / "int8"
-    try:
-        export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips,
-                                    quantize="int8"))
-    except ParityError as e:
-        report = e.report
-        differing = [c["clip"] for c in report["clips"] if not c["identical_tokens"]]
-        assert differing and report["identical_clips"] == len(clips) - len(differing)
-        assert not report["passed"] and "int8 bundle changes greedy tokens" in str(e)
-        assert all(name in {c.name for c in clips} for name in differing)
-        assert not out.exists()
-        return
+    export_bundle(ExportOptions("builtin:whisper-tiny.en", out, parity_audio=clips[:1],
+                                quantize="int8", eval_windows=48))
     data = json.loads((out / "manifest.json").read_text())
-    assert data["accuracy_int8"]["passed"]
-    assert data["accuracy_int8"]["identical_clips"] == 4
+    acc = data["accuracy"]
+    fp32, int8 = acc["rows"]
+    assert acc["chosen"] == "int8" and int8["passed"] and acc["windows"] == 48
+    assert fp32["wer"] <= 5.0 and int8["wer_delta"] <= 1.0 and int8["agreement"] >= 0.90
+    assert int8["size_mb"] <= 45.0 < fp32["size_mb"] / 3
     precision = {g["name"]: g["precision"] for g in data["graphs"]}
-    assert precision == {"encoder": "int8", "decoder": "int8", "decoder_block": "int8",
-                         "vad": "fp32"}
+    assert precision == {"encoder": "int8", "decoder": "int8", "vad": "fp32"}
     Bundle.open(out)

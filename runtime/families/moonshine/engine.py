@@ -14,7 +14,7 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import GreedyResult, greedy_decode, pick
+from edgestream.runtime.decode import GreedyResult, block_graph, greedy_decode, pick
 from edgestream.runtime.session import GraphSession
 from edgestream.runtime.state import StateStore
 from edgestream.runtime.families.whisper.engine import repeats_too_often
@@ -49,9 +49,8 @@ class StreamingEncDecEngine:
         self.encoder = bundle.sessions["encoder"]
         self.memory = bundle.sessions["memory"]
         self.decoder = bundle.sessions["decoder"]
-        self.decoder_block = bundle.sessions.get("decoder_block")
-        self.block_size = (self.decoder_block.spec.input("token").shape[1]
-                           if self.decoder_block else 1)
+        self.block_graph, self.block_size = block_graph(bundle, "token")
+        self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
         self.states = StateStore(m)
         self.tokenizer = bundle.tokenizer
         self.memory_length = 0
@@ -103,7 +102,7 @@ class StreamingEncDecEngine:
         return self._run(self.decoder, "decoder", [token], position)[0]
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        return self._run(self.decoder_block, "decoder_block", tokens, position)
+        return self._run(self.decoder_block, self.block_graph, tokens, position)
 
     def _run(self, session: GraphSession, graph: str, tokens: Sequence[int],
              position: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,10 @@ def _make(bundle: Any, options: MoonshineOptions) -> tuple[MoonshinePolicy, Any]
     return MoonshinePolicy(engine, options), engine.states
 
 
-def _transcribe(model: Any, samples: np.ndarray) -> Transcript:
+def _transcribe(model: Any, samples: np.ndarray, options: MoonshineOptions) -> Transcript:
     """A streaming model transcribes a file by streaming it: its finals are the segments."""
-    stream = model.stream(partial_ms=10**9, speculative=False)
+    own = {k: v for k, v in dataclasses.asdict(options).items() if k != "partial_ms"}
+    stream = model.stream(partial_ms=10**9, speculative=False, **own)
     rate = model.sample_rate
     events = stream.feed(samples, rate) + stream.finish()
     segments = tuple(Segment(e.start, e.end, e.text) for e in events

@@ -12,7 +12,8 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import GreedyResult, greedy_decode, log_softmax, pick
+from edgestream.runtime.decode import (GreedyResult, block_graph, greedy_decode, log_softmax,
+                                       pick)
 from edgestream.runtime.families.whisper.mel import WhisperLogMel
 from edgestream.runtime.state import StateStore
 
@@ -88,9 +89,8 @@ class WhisperEngine:
         self.bundle = bundle
         self.encoder = bundle.sessions["encoder"]
         self.decoder = bundle.sessions["decoder"]
-        self.decoder_block = bundle.sessions.get("decoder_block")
-        self.block_size = (self.decoder_block.spec.input("tokens").shape[1]
-                           if self.decoder_block else 1)
+        self.block_graph, self.block_size = block_graph(bundle, "tokens")
+        self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
         mel_spec = self.encoder.spec.inputs[0]
         self.mel = WhisperLogMel(n_mels=mel_spec.shape[1], n_samples=m.audio.window_samples)
         self.states = StateStore(m)
@@ -108,11 +108,51 @@ class WhisperEngine:
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
         self.prompt = tuple(m.decoding.prompt)
+        self.languages = dict(m.decoding.languages)
+        self.sot = sp["sot"]
+        self.detect = False  # detect the language of every encoded window (`configure`)
+        self.language: str | None = next(
+            (code for code, i in self.languages.items() if i in self.prompt), None)
         self.tokenizer = bundle.tokenizer
         self.sot_prev = sp.get("sot_prev", -1)
         # English-only checkpoints call it <|nocaptions|>, multilingual ones <|nospeech|>
         ids = [bundle.tokenizer.token_to_id(t) for t in ("<|nospeech|>", "<|nocaptions|>")]
         self.no_speech = next((i for i in ids if i is not None and i < self.vocab), -1)
+
+    def configure(self, language: str | None = None, task: str = "transcribe") -> None:
+        """Choose language and task at run time. Multilingual bundles: `language` None detects
+        it from each encoded window (Whisper's own way: the most likely language token after
+        <|startoftranscript|>); `task` is transcribe or translate (to English). English-only
+        bundles take language None or "en" and task transcribe."""
+        from edgestream.runtime.errors import OptionError
+
+        sp = self.bundle.manifest.tokenizer.special
+        if task not in ("transcribe", "translate"):
+            raise OptionError(f"task={task!r}: use 'transcribe' or 'translate'")
+        if not self.languages:
+            if language not in (None, "en") or task != "transcribe":
+                raise OptionError(f"{self.bundle.root}: this Whisper bundle is English-only; it "
+                                  f"takes no language={language!r} or task={task!r} (export a "
+                                  "multilingual model, e.g. builtin:whisper-base)")
+            return
+        if language is not None and language not in self.languages:
+            raise OptionError(f"language={language!r} is not one this model knows; use one of "
+                              f"{', '.join(sorted(self.languages))} or None to detect it")
+        if task not in sp:
+            raise BundleError(f"{self.bundle.root}/manifest.json: tokenizer.special lacks "
+                              f"{task!r}; re-export the bundle")
+        self.detect = language is None
+        self.language = language
+        lang = self.languages[language] if language else next(iter(self.languages.values()))
+        tail = (self.no_timestamps,) if self.no_timestamps in self.prompt else ()
+        self.prompt = (self.sot, lang, sp[task], *tail)
+
+    def detect_language(self) -> str:
+        """The most likely language of the encoded window (one decoder step)."""
+        logits = self.step(self.sot, 0)
+        codes = list(self.languages)
+        ids = np.array([self.languages[c] for c in codes])
+        return codes[int(np.argmax(logits[ids]))]
 
     @property
     def window_seconds(self) -> float:
@@ -122,6 +162,9 @@ class WhisperEngine:
         """Compute the log-mel of up to one window of 16 kHz audio and fill the cross K/V."""
         mel = self.mel(audio)[None]
         self.states.update("encoder", self.encoder.run({self.encoder.spec.inputs[0].name: mel}))
+        if self.detect:
+            self.language = self.detect_language()
+            self.prompt = (self.prompt[0], self.languages[self.language], *self.prompt[2:])
 
     def step(self, token: int, position: int) -> np.ndarray:
         feeds = self.states.feeds("decoder")
@@ -129,15 +172,15 @@ class WhisperEngine:
         feeds["position"] = np.array([position], dtype=np.int64)
         out = self.decoder.run(feeds)
         self.states.update("decoder", out, position)
-        return out["logits"][0]
+        return out["logits"].reshape(-1, self.vocab)[0]
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        feeds = self.states.feeds("decoder_block")
+        feeds = self.states.feeds(self.block_graph)
         feeds["tokens"] = np.array([tokens], dtype=np.int64)
         feeds["position"] = np.array([position], dtype=np.int64)
         out = self.decoder_block.run(feeds)
-        self.states.update("decoder_block", out, position)
-        return out["logits"][0]
+        self.states.update(self.block_graph, out, position)
+        return out["logits"].reshape(len(tokens), self.vocab)
 
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
                max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),

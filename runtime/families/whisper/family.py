@@ -13,13 +13,21 @@ from edgestream.runtime.families.whisper.transcribe import transcribe_audio
 from edgestream.runtime.transcript import Transcript
 
 
-def _make(bundle: Any, options: WhisperOptions) -> tuple[WhisperPolicy, Any]:
+def _engine(bundle: Any, options: WhisperOptions) -> WhisperEngine:
     engine = WhisperEngine(bundle)
+    engine.configure(options.language, options.task)
+    return engine
+
+
+def _make(bundle: Any, options: WhisperOptions) -> tuple[WhisperPolicy, Any]:
+    engine = _engine(bundle, options)
     return WhisperPolicy(engine, options), engine.states
 
 
-def _transcribe(model: Any, samples: np.ndarray) -> Transcript:
-    return transcribe_audio(WhisperEngine(model.bundle), samples)  # its own state: thread-safe
+def _transcribe(model: Any, samples: np.ndarray, options: WhisperOptions) -> Transcript:
+    # its own engine and state: thread-safe
+    return transcribe_audio(_engine(model.bundle, options), samples,
+                            max_repeats=options.max_repeats)
 
 
 FAMILY = register(Family("whisper", "whisper_window", WhisperOptions, "step_ms", _make,

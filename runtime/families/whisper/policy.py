@@ -35,7 +35,8 @@ class WhisperOptions:
     """`step_ms`: re-decode cadence; `context_s`: audio (and its finals) kept before a line;
     `preroll_ms`: audio kept before detected speech; `max_repeats`: loop guard;
     `tokens_per_second`: partial decode budget per second of line audio; `fallback`: decode a
-    final that fails the quality rules again at rising temperatures."""
+    final that fails the quality rules again at rising temperatures. `language` (None: detect
+    it, multilingual bundles) and `task` (transcribe or translate to English)."""
 
     step_ms: int = 500
     context_s: float = 10.0
@@ -43,6 +44,8 @@ class WhisperOptions:
     max_repeats: int = 4
     tokens_per_second: float = 8.0
     fallback: bool = True
+    language: str | None = None
+    task: str = "transcribe"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,253 @@
+"""The accuracy gate's evidence: a variant bundle measured against the fp32 bundle on speech.
+
+The evaluation folder holds clips and `refs.tsv` (file, tab, reference text), like the project's
+`tests/data/speech`; a `synthetic/` subfolder with its own clips adds windows. Measured per
+variant, on this machine:
+- WER of whole-file transcription of the referenced clips (the runtime's own `transcribe`), and
+  its difference to fp32 in points;
+- greedy-token agreement over many windows: the clips cut into 4 s windows every 0.5 s, the same
+  windows with white noise at 20 and 10 dB SNR (seeded); fp32's greedy tokens of each window are
+  teacher-forced through both bundles in the runtime's K-token passes and the argmax compared at
+  every position (so a few hundred windows and thousands of positions decide, not a few sentences);
+  max logit difference on the positions of the first 16 windows;
+- size of the model graphs on disk (external data included), median decoder step and encoder
+  window latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgestream.export.errors import ExportError
+from edgestream.export.wer import word_error_rate
+from edgestream.runtime.bundle import Bundle
+from edgestream.runtime.errors import AudioInputError
+from edgestream.runtime.session import SessionConfig
+
+log = logging.getLogger(__name__)
+
+REFS = "refs.tsv"
+SNR_DB = (20.0, 10.0)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Clips with references (for WER) and the windows cut from every clip (for agreement)."""
+
+    folder: str
+    clips: tuple[tuple[str, np.ndarray, str], ...]  # (file, 16 kHz mono samples, reference)
+    windows: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One row of the accuracy table."""
+
+    variant: str
+    plan: dict[str, str]
+    wer: float  # percent
+    wer_delta: float  # points over fp32
+    agreement: float  # share of teacher-forced positions whose argmax equals fp32's
+    identical_windows: int
+    windows: int
+    positions: int
+    max_logit_diff: float
+    size_mb: float
+    step_ms: float
+    encode_ms: float
+    passed: bool = True
+    reason: str = ""
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def default_eval_dir() -> Path:
+    """The project's real clips (tests/data/speech of the checkout this package runs from)."""
+    return Path(__file__).resolve().parents[1] / "tests" / "data" / "speech"
+
+
+def _read_refs(path: Path) -> list[tuple[str, str]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise ExportError(f"{path}: line {i} is not 'file<TAB>reference text'")
+        name, text = line.split("\t", 1)
+        rows.append((name.strip(), text.strip()))
+    return rows
+
+
+def _read(path: Path, rate: int) -> np.ndarray:
+    from edgestream.runtime.audio.resample import StreamingResampler
+    from edgestream.runtime.audio.wav import read_wav, to_mono
+
+    try:
+        wav = read_wav(path)
+    except (AudioInputError, OSError) as e:
+        raise ExportError(f"{path}: evaluation audio is unreadable ({e}); fix or remove it from "
+                          f"{REFS}") from e
+    audio = to_mono(wav.samples).astype(np.float32)
+    if wav.sample_rate != rate:
+        r = StreamingResampler(wav.sample_rate, rate)
+        audio = np.concatenate([r.process(audio), r.flush()])
+    return audio
+
+
+def load_eval_set(folder: Path, rate: int = 16000, window_s: float = 4.0, hop_s: float = 0.5,
+                  max_windows: int = 300, seed: int = 0) -> EvalSet:
+    """Read `folder/refs.tsv` and its clips (and `synthetic/` clips, windows only); cut windows
+    of `window_s` every `hop_s`, add their noisy copies, keep at most `max_windows` spread evenly
+    over the list."""
+    folder = Path(folder)
+    refs = folder / REFS
+    if not refs.is_file():
+        raise ExportError(f"{refs}: the evaluation folder needs a {REFS} (file, tab, reference "
+                          "text per line); pass --eval-audio DIR with one")
+    clips = []
+    for name, text in _read_refs(refs):
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name}: listed in {refs} but missing")
+        clips.append((name, _read(folder / name, rate), text))
+    if not clips:
+        raise ExportError(f"{refs}: lists no clips")
+    extra = []
+    synthetic = folder / "synthetic" / REFS
+    if synthetic.is_file():
+        extra = [_read(synthetic.parent / n, rate) for n, _ in _read_refs(synthetic)]
+    win, hop = int(window_s * rate), int(hop_s * rate)
+    clean = []
+    for audio in [c[1] for c in clips] + extra:
+        starts = range(0, max(1, audio.size - win + hop), hop)
+        clean += [audio[s: s + win] for s in starts if audio[s: s + win].size > rate // 2]
+    rng = np.random.default_rng(seed)
+    windows = list(clean)
+    for snr in SNR_DB:
+        for w in clean:
+            power = float(np.mean(w.astype(np.float64) ** 2)) or 1e-8
+            noise = rng.standard_normal(w.size) * np.sqrt(power / 10 ** (snr / 10))
+            windows.append((w + noise).astype(np.float32))
+    if len(windows) > max_windows:
+        keep = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
+        windows = [windows[i] for i in keep]
+    return EvalSet(str(folder), tuple(clips), tuple(windows))
+
+
+def _model_bytes(bundle: Bundle) -> int:
+    total = 0
+    for g in bundle.manifest.graphs:
+        if g.name == bundle.manifest.vad:
+            continue
+        total += (bundle.root / g.file).stat().st_size
+        total += sum((bundle.root / d.file).stat().st_size for d in g.external_data)
+    return total
+
+
+class _WhisperProbe:
+    """Runs one Whisper bundle over the evaluation set."""
+
+    def __init__(self, root: Path, threads: int) -> None:
+        from edgestream.runtime.families.whisper.engine import WhisperEngine
+
+        self.engine = WhisperEngine(Bundle.open(root, SessionConfig("cpu", threads)))
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        from edgestream.runtime.families.whisper.transcribe import transcribe_audio
+
+        return transcribe_audio(self.engine, audio).text
+
+    def greedy(self, window: np.ndarray, max_new: int) -> list[int]:
+        self.engine.encode(window)
+        return list(self.engine.decode(max_new=max_new, max_repeats=max_new).tokens)
+
+    def forced(self, window: np.ndarray, seq: list[int]) -> np.ndarray:
+        """Logits at every position of `seq`, teacher-forced K tokens per pass like the runtime
+        re-scores (one token per step when the bundle has no K-token size)."""
+        e = self.engine
+        e.encode(window)
+        k, out = e.block_size, []
+        for start in range(0, len(seq), k):
+            chunk = seq[start: start + k]
+            if k > 1:
+                out.append(e.block(chunk + [e.eot] * (k - len(chunk)), start)[: len(chunk)])
+            else:
+                out.append(np.stack([e.step(t, start + j) for j, t in enumerate(chunk)]))
+        return np.concatenate(out)
+
+    def latency(self, window: np.ndarray, runs: int = 5) -> tuple[float, float]:
+        """(median decoder step ms at position 8, median encoder window ms)."""
+        e = self.engine
+        enc = []
+        for _ in range(max(1, runs // 2)):
+            t = time.perf_counter()
+            e.encode(window)
+            enc.append(time.perf_counter() - t)
+        steps = []
+        for _ in range(runs * 4):
+            t = time.perf_counter()
+            e.step(e.prompt[0], 8)
+            steps.append(time.perf_counter() - t)
+        return statistics.median(steps) * 1e3, statistics.median(enc) * 1e3
+
+
+class WhisperEvaluator:
+    """fp32 reference results computed once; `measure(variant)` gives a table row.
+
+    Kept per window: fp32's greedy sequence and its argmax at every position; the full fp32
+    logits only for the first `DIFF_WINDOWS` windows (the max logit difference is taken there),
+    because 300 windows x 35 positions x a 51864-word vocabulary would hold 2 GB."""
+
+    DIFF_WINDOWS = 16
+
+    def __init__(self, reference: Path, data: EvalSet, threads: int = 2,
+                 max_new: int = 32) -> None:
+        self.data, self.threads = data, threads
+        ref = _WhisperProbe(reference, threads)
+        self.prompt = list(ref.engine.prompt)
+        self.sequences = [self.prompt + ref.greedy(w, max_new) for w in data.windows]
+        self.ref_argmax: list[np.ndarray] = []
+        self.ref_logits: list[np.ndarray] = []
+        for i, (w, seq) in enumerate(zip(data.windows, self.sequences)):
+            logits = ref.forced(w, seq)
+            self.ref_argmax.append(logits.argmax(-1))
+            if i < self.DIFF_WINDOWS:
+                self.ref_logits.append(logits)
+        refs = [c[2] for c in data.clips]
+        self.ref_wer = 100.0 * word_error_rate(refs, [ref.transcribe(c[1]) for c in data.clips])
+        self.reference = self.measure(reference, "fp32", {}, probe=ref)
+
+    def measure(self, root: Path, name: str, plan: dict[str, str],
+                probe: _WhisperProbe | None = None) -> VariantResult:
+        probe = probe or _WhisperProbe(root, self.threads)
+        p = len(self.prompt) - 1  # the first position whose argmax is a generated token
+        agree = positions = identical = 0
+        diff = 0.0
+        for i, (w, seq) in enumerate(zip(self.data.windows, self.sequences)):
+            if name == "fp32":  # the reference itself: its own argmax, not run a second time
+                positions += len(seq) - p
+                agree += len(seq) - p
+                identical += 1
+                continue
+            logits = probe.forced(w, seq)
+            same = logits[p:].argmax(-1) == self.ref_argmax[i][p:]
+            agree += int(same.sum())
+            positions += same.size
+            identical += bool(same.all())
+            if i < len(self.ref_logits):
+                diff = max(diff, float(np.abs(logits[p:] - self.ref_logits[i][p:]).max()))
+        refs = [c[2] for c in self.data.clips]
+        wer = self.ref_wer if name == "fp32" else 100.0 * word_error_rate(
+            refs, [probe.transcribe(c[1]) for c in self.data.clips])
+        step_ms, enc_ms = probe.latency(self.data.windows[0])
+        return VariantResult(name, plan, round(wer, 2), round(wer - self.ref_wer, 2),
+                             round(agree / max(positions, 1), 4), identical,
+                             len(self.data.windows), positions, diff,
+                             round(_model_bytes(probe.engine.bundle) / 1e6, 2),
+                             round(step_ms, 3), round(enc_ms, 1))
