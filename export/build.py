@@ -40,6 +40,7 @@ class ExportOptions:
     max_memory_frames: int = 0  # 0: 30 s (1500 rows) or the model's limit if smaller
     max_tokens: int = 256
     quantize: str = "none"  # see QUANTIZE_MODES; gated on greedy-token identity
+    lm: Any = None  # decoder LMs: export.lm.recipe.LMExportOptions (None: its defaults)
 
 
 # none; int8: every model graph; int8-encoder: the audio side only (encoder, memory)
@@ -60,6 +61,10 @@ class Recipe:
     load: Callable[[ResolvedSource, ExportOptions], Any]
     graphs: Callable[[Any, Path, ExportOptions], dict]
     parity: Callable[[Any, Path, list[Path]], dict]
+    audio: bool = True  # a speech model (gets the VAD); False for decoder LMs
+    # after a passed parity check: (parts, folder, manifest dict, options) -> manifest dict
+    # (decoder LMs pick their precision here)
+    finish: Callable[[Any, Path, dict, ExportOptions], dict] | None = None
 
 
 def _whisper() -> Recipe:
@@ -87,7 +92,15 @@ def _moonshine() -> Recipe:
                   lambda parts, out, clips: check_moonshine_parity(parts.model, out, clips))
 
 
+def _lm() -> Recipe:
+    from edgestream.export.lm.recipe import lm_recipe
+
+    return lm_recipe(Recipe)
+
+
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
+# decoder-only LMs for the responder (export/lm)
+RECIPES.update({family: _lm for family in ("llama", "qwen3")})
 
 
 def graphs_to_quantize(data: dict, mode: str) -> tuple[str, ...]:
@@ -139,7 +152,7 @@ def export_bundle(opts: ExportOptions) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.parent))
     try:
         data = recipe.graphs(parts, tmp, opts)
-        if opts.vad == "silero":
+        if opts.vad == "silero" and recipe.audio:
             from edgestream.export.vad import add_silero_vad
 
             graph, state = add_silero_vad(tmp)
@@ -154,6 +167,9 @@ def export_bundle(opts: ExportOptions) -> dict:
         if not report["passed"]:
             raise ParityError(f"{opts.source}: parity check failed, bundle not written:\n"
                               + json.dumps(report, indent=2), report)
+        if recipe.finish is not None:
+            data = recipe.finish(parts, tmp, data, opts)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
         if opts.quantize != "none":
             data = _quantize(recipe, parts, tmp, data, opts)
         if opts.out.exists():
