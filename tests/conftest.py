@@ -180,4 +180,4 @@ def _every_event_matches_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # decoder LMs for the responder: tiny random models and their bundles (tests/lm_models.py)
-from lm_models import tiny_llama_bundle, tiny_llama_dir  # noqa: E402,F401
+from lm_models import tiny_chat_bundle, tiny_llama_bundle, tiny_llama_dir  # noqa: E402,F401

@@ -84,3 +84,11 @@ def tiny_llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
     export_tiny_lm(tiny_llama_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny llama with room for a system prompt and replies: 256 KV slots."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama-256"
+    export_tiny_lm(tiny_llama_dir, out, kv_slots=256)
+    return out
