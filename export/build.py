@@ -100,7 +100,7 @@ def _lm() -> Recipe:
 
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
 # decoder-only LMs for the responder (export/lm)
-RECIPES.update({family: _lm for family in ("llama", "qwen3")})
+RECIPES.update({family: _lm for family in ("llama", "qwen3", "lfm2")})
 
 
 def graphs_to_quantize(data: dict, mode: str) -> tuple[str, ...]:

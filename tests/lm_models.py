@@ -36,6 +36,9 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
                   bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     if family == "qwen3":
         common.update(head_dim=16)
+    if family == "lfm2":  # short convolutions and attention, interleaved
+        common.update(num_hidden_layers=4, conv_L_cache=3,
+                      layer_types=["conv", "full_attention", "conv", "full_attention"])
     return AutoConfig.for_model(family, **common)
 
 

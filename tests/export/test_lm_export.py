@@ -122,3 +122,16 @@ def test_unknown_lm_family_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(ExportError, match="gpt_neox.*no export recipe"):
         export_bundle(ExportOptions(str(folder), tmp_path / "out"))
+
+
+def test_lfm2_short_conv_export_and_rollback(tmp_path: Path) -> None:
+    """LFM2 (short-conv carries beside attention): parity passes (generate, pieces with a
+    revision, ring wrap, rollback by snapshot + re-feed); the carries are `replace` states."""
+    folder = build_tiny_lm(tmp_path / "tiny-lfm2", "lfm2", seed=2)
+    report = export_tiny_lm(folder, tmp_path / "bundle")
+    assert report["passed"] and report["identical_prompts"] == 3, report
+    assert report["rollback"]["exact"] and report["pieces"]["identical_tokens"]
+    m = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    conv = [s for s in m["states"] if s["name"].startswith("conv_")]
+    assert len(conv) == 2 and all(s["update"] == "replace" for s in conv)
+    assert len(m["extra"]["lm"]["attention_layers"]) == 2
