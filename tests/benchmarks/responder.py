@@ -225,8 +225,17 @@ def genai_folder(model_tok: Any, work: Path) -> Path | None:
 
     hf = work / "smollm2-hf"
     if not (hf / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
         model, tok = model_tok
-        model.save_pretrained(hf)
+        # a model read from GGUF refuses save_pretrained: copy its (dequantized) weights into a
+        # plain one of the same config
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(hf)
         tok.save_pretrained(hf)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
                     "-o", str(out), "-p", "int8", "-e", "cpu", "--extra_options",
