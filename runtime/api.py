@@ -25,7 +25,7 @@ import numpy as np
 
 from edgestream.runtime.audio.resample import StreamingResampler
 from edgestream.runtime.bundle import Bundle
-from edgestream.runtime.errors import AudioInputError, OptionError
+from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
 from edgestream.runtime.events.stats import StreamStats
 from edgestream.runtime.events.types import Event, Stats
 from edgestream.runtime.families import Family, all_families, lookup
@@ -140,7 +140,21 @@ def load(bundle: str | Path, provider: str = "auto", threads: int = 0) -> Model:
     if not isinstance(threads, int) or threads < 0:
         raise OptionError(f"threads={threads!r}: give 0 (onnxruntime's choice) or a positive "
                           "number of intra-op threads")
+    _refuse_lm_bundle(Path(bundle))
     return Model(Bundle.open(Path(bundle), SessionConfig(provider, threads)))
+
+
+def _refuse_lm_bundle(root: Path) -> None:
+    """A language-model bundle is not a speech model: say where it belongs."""
+    from edgestream.runtime.manifest import load_manifest
+
+    if root.is_dir() and (root / "manifest.json").is_file():
+        m = load_manifest(root)
+        if m.pipeline == "decoder_lm":
+            raise BundleError(f"{root}: a {m.family} language-model bundle, not a speech model; "
+                              f"give a speech bundle here and this one to --respond "
+                              f"(edgestream run ASR_BUNDLE --respond {root}), or open it with "
+                              "edgestream.runtime.responder.load_lm")
 
 
 def _rate(sample_rate: Any) -> int:

@@ -93,6 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reconnect", action="store_true",
                    help="mic: when the device is lost, reopen it with backoff instead of "
                         "exiting with code 3 (what the service does)")
+    p.add_argument("--respond", type=Path, metavar="LM_BUNDLE",
+                   help="answer each turn with this language-model bundle (the responder)")
+    p.add_argument("--system-prompt", help="the responder's system prompt (pinned in its window)")
+    p.add_argument("--max-reply-tokens", type=int, default=64,
+                   help="the responder's longest reply in tokens (64)")
+    p.add_argument("--pause-ms", type=int, default=200,
+                   help="the responder starts its reply speculatively after this pause (200)")
     add_stream_args(p)
     add_session_args(p)
     p.set_defaults(handler=run)
@@ -148,7 +155,7 @@ def serve(model: Model, source: AudioSource, label: str, live: bool,
           args: argparse.Namespace, kiosk: Kiosk | None = None) -> int:
     """Stream `source` through a new stream of `model` to stdout (and the kiosk page) until it
     ends or is stopped."""
-    stream = model.stream(**stream_options(args, live))
+    stream = _stream(model, args, live)
     status = kiosk.status if kiosk is not None else LoopStatus()
     sinks = SinkSet([JsonlSink() if args.jsonl else CaptionSink()] +
                     ([kiosk.hub] if kiosk is not None else []))
@@ -175,6 +182,20 @@ def serve(model: Model, source: AudioSource, label: str, live: bool,
         return 0
     # a lost microphone is a failure the service manager should see (and restart on)
     return 3 if getattr(source, "lost", False) and not stop else code
+
+
+def _stream(model: Model, args: argparse.Namespace, live: bool) -> Any:
+    """The model's stream, with the responder beside it when --respond names an LM bundle."""
+    lm = getattr(args, "lm", None)
+    if lm is None:
+        return model.stream(**stream_options(args, live))
+    from edgestream.runtime.responder.conversation import DEFAULT_SYSTEM
+    from edgestream.runtime.responder.responder import Responder, ResponderOptions
+
+    options = ResponderOptions(system_prompt=args.system_prompt or DEFAULT_SYSTEM,
+                               max_reply_tokens=args.max_reply_tokens, pause_ms=args.pause_ms,
+                               speculative=not args.no_speculative)
+    return Responder(model, lm, options, **stream_options(args, live))
 
 
 def _has_fileno(f: Any) -> bool:
@@ -207,7 +228,13 @@ def run(args: argparse.Namespace) -> int:
                            "--serve")
     try:
         model = load(args.bundle, args.provider, args.threads)
-        model.stream(**stream_options(args, False))  # options checked before a device is opened
+        args.lm = None
+        if args.respond is not None:
+            from edgestream.runtime.responder.lm import load_lm
+
+            # one intra-op thread: the LM runs on the responder's low-priority thread
+            args.lm = load_lm(args.respond, args.provider, 1)
+        _stream(model, args, False).finish()  # options checked before a device is opened
         source, label, live = _source(args, model.sample_rate)
     except BaseException:
         if kiosk is not None:

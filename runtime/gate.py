@@ -130,6 +130,12 @@ class Gate:
     def now(self) -> float:
         return self.clock / self.rate
 
+    @property
+    def speculative_text(self) -> str | None:
+        """The open line's final, decoded ahead of the endpoint during the pause; None when no
+        speculation is pending (a responder starts its reply from it)."""
+        return self._speculation.line.text if self._speculation is not None else None
+
     # -- input -------------------------------------------------------------------------------
 
     def feed(self, chunk: np.ndarray) -> list[Event]:

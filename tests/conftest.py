@@ -177,3 +177,7 @@ def _every_event_matches_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sinks, "to_json", checked)
     for name in ("feed", "finish", "gap", "stats_event"):
         monkeypatch.setattr(api.Stream, name, wrap(getattr(api.Stream, name)))
+
+
+# decoder LMs for the responder: tiny random models and their bundles (tests/lm_models.py)
+from lm_models import tiny_chat_bundle, tiny_llama_bundle, tiny_llama_dir  # noqa: E402,F401

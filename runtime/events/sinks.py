@@ -10,7 +10,7 @@ import threading
 from typing import Iterable, Protocol, TextIO
 
 from edgestream.runtime.events.types import (ErrorEvent, Event, Final, Gap, Notice, Partial,
-                                              Ready, Stats, to_json)
+                                              Ready, ReplyEnd, Stats, to_json)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class CaptionSink:
         elif isinstance(event, (ErrorEvent, Notice)):
             self._clear()
             self.err.write(f"[{event.type}] {event.message}\n")
+        elif isinstance(event, ReplyEnd):
+            self._clear()
+            self.stream.write(f"> {event.text}\n")
         elif isinstance(event, Gap):
             self._clear()
             self.err.write(f"[gap] {event.duration:.2f} s of audio lost at {event.t:.2f} s\n")

