@@ -27,7 +27,7 @@ from edgestream.runtime.audio.resample import StreamingResampler
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
 from edgestream.runtime.events.stats import StreamStats
-from edgestream.runtime.events.types import Event, Stats
+from edgestream.runtime.events.types import Event, Ready, Stats
 from edgestream.runtime.families import Family, all_families, lookup
 from edgestream.runtime.gate import Gate, GateConfig
 from edgestream.runtime.session import SessionConfig
@@ -89,6 +89,12 @@ class Model:
     def provider(self) -> str:
         """The execution provider the model graphs actually run on."""
         return self.bundle.sessions[self.bundle.manifest.graphs[0].name].session.get_providers()[0]
+
+    def ready_event(self, input_label: str) -> Ready:
+        """The `ready` event a loop emits first: bundle, family, provider, input."""
+        m = self.bundle.manifest
+        return Ready(str(self.bundle.root), m.family, m.pipeline, self.provider,
+                     self.sample_rate, input_label)
 
     def stream_option_names(self) -> set[str]:
         """The stream options this bundle's family takes (common ones included)."""

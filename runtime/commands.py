@@ -15,7 +15,6 @@ from edgestream.runtime.audio.sources import (DEFAULT_BACKLOG_S, AudioSource, Fi
 from edgestream.runtime.audio.wav import read_wav
 from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
 from edgestream.runtime.events.sinks import CaptionSink, JsonlSink, SinkSet
-from edgestream.runtime.events.types import Ready
 from edgestream.runtime.loop import LoopConfig, LoopStatus, StopFlag, run_loop
 from edgestream.runtime.session import resolve_providers
 from edgestream.runtime.doctor import register as register_doctor
@@ -159,9 +158,7 @@ def serve(model: Model, source: AudioSource, label: str, live: bool,
     status = kiosk.status if kiosk is not None else LoopStatus()
     sinks = SinkSet([JsonlSink() if args.jsonl else CaptionSink()] +
                     ([kiosk.hub] if kiosk is not None else []))
-    m = model.bundle.manifest
-    sinks.emit([Ready(str(model.bundle.root), m.family, m.pipeline, model.provider,
-                      model.sample_rate, label)])
+    sinks.emit([model.ready_event(label)])
     stop = StopFlag()
     restore = handle_signals(stop, source)
     if kiosk is not None:

@@ -22,7 +22,7 @@ from edgestream.runtime.api import Model, load
 from edgestream.runtime.audio.sources import AudioSource, FileSource
 from edgestream.runtime.audio.wav import read_wav
 from edgestream.runtime.events.sinks import JsonlSink, Sink, SinkSet
-from edgestream.runtime.events.types import (ErrorEvent, Event, Final, Gap, Notice, Ready,
+from edgestream.runtime.events.types import (ErrorEvent, Event, Final, Gap, Notice,
                                               Stats)
 from edgestream.runtime.loop import LoopConfig, LoopStatus, StopFlag, run_loop
 from edgestream.runtime.service import metrics
@@ -199,8 +199,7 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
         raise
     sinks = SinkSet(sinks_list)
     m = model.bundle.manifest
-    sinks.emit([Ready(str(model.bundle.root), m.family, m.pipeline, model.provider,
-                      model.sample_rate, label)])
+    sinks.emit([model.ready_event(label)])
     stop = StopFlag()
     restore = handle_signals(stop, source)
     if kiosk is not None:
