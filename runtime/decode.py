@@ -60,6 +60,7 @@ class GreedyResult:
     probe: np.ndarray | None = None  # logits at the probe position, when one was asked for
     looped: bool = False  # the loop guard ended this decode
     logits: tuple[np.ndarray, ...] = ()  # every choice's logits, when kept (parity checks)
+    guarded: bool = False  # a loop guard overrode a choice (the decode may still have gone on)
 
     @property
     def avg_logprob(self) -> float:

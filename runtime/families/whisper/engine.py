@@ -43,6 +43,7 @@ class _SegmentLoopGuard:
         self.tb = timestamp_begin
         self.max_repeats = max_repeats
         self.forced = list(forced)
+        self.fired = False  # must_close overrode a choice
 
     def segment_start(self, generated: list[int]) -> int:
         """Index in `generated` of the open (or just closed) segment's opening timestamp."""
@@ -63,7 +64,9 @@ class _SegmentLoopGuard:
 
     def must_close(self, generated: list[int]) -> bool:
         run = self._run(generated)
-        return bool(run) and repeats_too_often(run, self.max_repeats)
+        close = bool(run) and repeats_too_often(run, self.max_repeats)
+        self.fired |= close
+        return close
 
     def runaway(self, generated: list[int]) -> bool:
         """True once a segment closes after text faster than speech, or a run never closes."""
@@ -245,6 +248,8 @@ class WhisperEngine:
             keep = guard.segment_start(list(out.tokens))
             out = GreedyResult(out.tokens[:keep], False, out.logprobs[:keep], out.probe, True,
                                out.logits)
+        if guard is not None and guard.fired:
+            out = replace(out, guarded=True)
         return out
 
     def text_scores(self, result: GreedyResult) -> GreedyResult:

@@ -8,6 +8,8 @@ window edge is decoded again whole in the next one. Every window goes through th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from edgestream.runtime.decode import GreedyResult
@@ -36,9 +38,28 @@ def split_segments(tokens: list[int], tb: int) -> tuple[list[tuple[int, int, lis
     return closed, bool(text)
 
 
+@dataclass(frozen=True)
+class WindowDecode:
+    """One window of `transcribe_audio`, as decoded: where it starts, how much audio it holds,
+    the previous text it was conditioned on and the tokens kept. `temperature` > 0 means the
+    quality fallback chose it; `guarded` means the loop guard changed or ended the greedy decode.
+    Recorded for checks against a reference decoder and for debugging."""
+
+    start: int  # sample of the window's first audio
+    samples: int
+    previous: tuple[int, ...]
+    tokens: tuple[int, ...]
+    temperature: float
+    guarded: bool
+    problems: tuple[str, ...]
+    silent: bool
+
+
 def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRules = QualityRules(),
-                     max_repeats: int = 4, condition_on_previous: bool = True) -> Transcript:
-    """Transcript of 16 kHz mono `audio` of any length, with segment times."""
+                     max_repeats: int = 4, condition_on_previous: bool = True,
+                     record: list[WindowDecode] | None = None) -> Transcript:
+    """Transcript of 16 kHz mono `audio` of any length, with segment times. `record`: a list
+    that receives each window's `WindowDecode`."""
     rate = engine.bundle.manifest.audio.sample_rate
     window = engine.bundle.manifest.audio.window_samples
     tb, tok = engine.timestamp_begin, engine.tokenizer
@@ -61,6 +82,11 @@ def transcribe_audio(engine: WhisperEngine, audio: np.ndarray, rules: QualityRul
             decode, lambda r: tok.decode(engine.text_tokens(r.tokens)).strip(), rules,
             engine.no_speech_probability)
         fallbacks += judged.temperature > 0
+        if record is not None:
+            record.append(WindowDecode(
+                seek, piece.size, tuple(previous if condition_on_previous else ()),
+                tuple(judged.result.tokens), judged.temperature,
+                judged.result.guarded or judged.result.looped, judged.problems, judged.silent))
         if judged.silent:
             seek += piece.size
             continue
