@@ -1,4 +1,4 @@
-"""E. A long run: hours of audio through one Whisper tiny.en stream at file pace, in bounded memory.
+"""E. A long run: hours of audio through one stream (Whisper tiny.en, or any --bundle) at file pace, in bounded memory.
 
 Run: `.venv/bin/python tests/benchmarks/long_run.py [--hours 2]` (`--hours 0.1` as a smoke test).
 
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats-every-s", type=float, default=60.0)
     ap.add_argument("--silence-s", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--whisper", type=Path, default=S.DEFAULT_WHISPER)
+    ap.add_argument("--whisper", "--bundle", dest="whisper", type=Path, default=S.DEFAULT_WHISPER,
+                    help="the bundle streamed (any family; Whisper tiny.en exported when missing)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.hours <= 0 or args.every_min <= 0 or args.stats_every_s <= 0:
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         sinks.close()
     wall = time.perf_counter() - t
     audio_s = source.position / S.RATE
+    family = model.bundle.manifest.family
 
     # finals per (pass, clip) vs the reference pass
     got: dict[tuple[int, int], int] = {}
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     growth_max = 100 * (max(r[1] for r in rss) / rss[0][1] - 1) if len(rss) > 1 else float("nan")
 
     S.table(f"E. long run: {audio_s / 3600:.3f} h ({audio_s:.0f} s, {len(passes)} passes or "
-            f"part) of audio through one Whisper tiny.en stream at file pace, {args.threads} "
+            f"part) of audio through one {family} stream at file pace, {args.threads} "
             f"threads, {wall:.0f} s wall, exit code {code}; load {S.load_avg()}",
             ["VmRSS sample at audio min", "MiB", "vs first", "wall s"],
             [[f"{a / 60:.2f}", f"{b * mib:.1f}", f"{100 * (b / rss[0][1] - 1):+.2f} %",
