@@ -29,8 +29,10 @@ def stream(bundle: Path, clip: Path, **options) -> tuple[list[Event], StreamingE
     return events + s.finish(), s.gate.policy.engine
 
 
-def reference_text(model_dir: Path, audio: np.ndarray, budget_per_s: float = 8.0) -> str:
-    """transformers on the whole line: encoder with a mask, greedy by full forward per token."""
+def reference_text(model_dir: Path, audio: np.ndarray, budget_per_s: float = 8.0,
+                   forced: tuple[int, ...] = ()) -> str:
+    """transformers on the whole line: encoder with a mask, greedy by full forward per token,
+    after the `forced` tokens (the previous line read as context)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import MoonshineStreamingForConditionalGeneration
@@ -45,8 +47,8 @@ def reference_text(model_dir: Path, audio: np.ndarray, budget_per_s: float = 8.0
         frames = model.model.encoder(values, attention_mask=mask).last_hidden_state.shape[1]
         budget = int(frames * 320 / 16000 * budget_per_s) + 8
         for _ in range(budget):
-            logits = model(values, attention_mask=mask,
-                           decoder_input_ids=torch.tensor([[start, *tokens]])).logits[0, -1]
+            logits = model(values, attention_mask=mask, decoder_input_ids=torch.tensor(
+                [[start, *forced, *tokens]])).logits[0, -1]
             token = int(torch.argmax(logits))
             if token == eos:
                 break
@@ -57,8 +59,9 @@ def reference_text(model_dir: Path, audio: np.ndarray, budget_per_s: float = 8.0
 
 def test_each_final_equals_the_model_on_its_audio(tiny_moonshine_bundle: Path,
                                                   tiny_moonshine_dir: Path) -> None:
+    """Without context (`context_s=0`) each line is an utterance of its own."""
     clip = speech_dir() / "beckett.wav"
-    events, _ = stream(tiny_moonshine_bundle, clip)
+    events, _ = stream(tiny_moonshine_bundle, clip, context_s=0)
     finals = [e for e in events if isinstance(e, Final) and e.text]
     assert len(finals) >= 3, events  # beckett's pauses cut several lines
     audio = to_mono(read_wav(clip).samples)
@@ -67,6 +70,37 @@ def test_each_final_equals_the_model_on_its_audio(tiny_moonshine_bundle: Path,
         assert final.text == reference_text(tiny_moonshine_dir, audio[a:b]), final
     partial_lines = {e.line for e in events if isinstance(e, Partial)}
     assert partial_lines <= {f.line for f in finals}
+
+
+def test_a_line_continues_the_previous_one(tiny_moonshine_bundle: Path,
+                                          tiny_moonshine_dir: Path) -> None:
+    """With context (the default), a line that starts within `context_s` of the previous line's
+    start is the model's continuation of that line: transformers on the audio from the previous
+    line's start to this line's end, with the previous final's tokens forced, says exactly the
+    final's words. Lines further apart are read alone."""
+    from tokenizers import Tokenizer
+
+    clip = speech_dir() / "beckett.wav"
+    events, engine = stream(tiny_moonshine_bundle, clip)
+    context_s = 6.0  # MoonshineOptions' default
+    tok = Tokenizer.from_file(str(tiny_moonshine_dir / "tokenizer.json"))
+    finals = [e for e in events if isinstance(e, Final)]
+    audio = to_mono(read_wav(clip).samples)
+    continued = 0
+    for before, final in zip([None, *finals], finals):
+        if not final.text:
+            continue
+        a, b = round(final.start * 16000), round(final.end * 16000)
+        if before is not None and before.text and final.start - before.start <= context_s:
+            forced = tuple(tok.encode(before.text, add_special_tokens=False).ids)
+            said = reference_text(tiny_moonshine_dir, audio[round(before.start * 16000): b],
+                                  forced=forced)
+            if said:  # else the stream read the line alone, as the fallback does
+                assert final.text == said, (before, final)
+                continued += 1
+                continue
+        assert final.text == reference_text(tiny_moonshine_dir, audio[a:b]), final
+    assert continued >= 2, finals  # beckett's short pauses: most lines continue the last
 
 
 def test_rescoring_with_a_hint_is_exact_and_cheaper(tiny_moonshine_bundle: Path) -> None:

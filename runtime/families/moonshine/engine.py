@@ -115,16 +115,20 @@ class StreamingEncDecEngine:
         return out["logits"].reshape(len(tokens), -1)
 
     def decode(self, max_new: int, max_repeats: int = 4, hint: Sequence[int] = (),
-               stop_at_eos: bool = True, temperature: float = 0.0, seed: int = 0
-               ) -> GreedyResult:
+               stop_at_eos: bool = True, temperature: float = 0.0, seed: int = 0,
+               forced: Sequence[int] = ()) -> GreedyResult:
         """Greedy (or seeded sampled, for the quality fallback) tokens of the current line,
         without the start and end tokens. `hint`: the line's previous hypothesis, re-scored in
-        block passes (same result, less compute). An n-gram repeated more than `max_repeats`
-        times ends the decode (`looped`). `stop_at_eos=False` decodes exactly `max_new` tokens
-        (benchmarks with random weights)."""
+        block passes (same result, less compute). `forced`: text tokens fed after the prompt
+        (the previous line, when the memory holds its audio as context). An n-gram repeated
+        more than `max_repeats` times ends the decode (`looped`). `stop_at_eos=False` decodes
+        exactly `max_new` tokens (benchmarks with random weights)."""
         if self.memory_length == 0:
             return GreedyResult((), True)
-        limit = min(self.t_max, len(self.prompt) + max_new)
+        prefix = (*self.prompt, *forced)
+        limit = min(self.t_max, len(prefix) + max_new)
+        if len(prefix) >= limit:
+            return GreedyResult((), False)
         rng = np.random.default_rng(seed) if temperature > 0 else None
 
         def choose(logits: np.ndarray, generated: list[int]) -> tuple[int, float]:
@@ -133,7 +137,7 @@ class StreamingEncDecEngine:
                 logits[self.eos] = -np.inf
             return pick(logits, temperature, rng)
 
-        return greedy_decode(self, self.prompt, choose, self.eos, limit,
+        return greedy_decode(self, prefix, choose, self.eos, limit,
                              lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
 
     def text(self, tokens: Sequence[int]) -> str:
