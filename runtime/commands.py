@@ -44,7 +44,8 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-threshold-db", type=float, help="energy gate level (-40 dBFS)")
     p.add_argument("--step-ms", type=int, help="Whisper: re-decode cadence (500)")
     p.add_argument("--context-s", type=float,
-                   help="Whisper: audio and finals kept before a line as context (10)")
+                   help="audio and finals kept before a line as context (Whisper 10, "
+                   "Moonshine 6; 0: each line alone)")
     p.add_argument("--partial-ms", type=int,
                    help="streaming encoders: re-decode cadence of the line (200)")
     p.add_argument("--speculate-ms", type=int,
