@@ -60,7 +60,13 @@ class GreedyResult:
     probe: np.ndarray | None = None  # logits at the probe position, when one was asked for
     looped: bool = False  # the loop guard ended this decode
     logits: tuple[np.ndarray, ...] = ()  # every choice's logits, when kept (parity checks)
-    guarded: bool = False  # a loop guard overrode a choice (the decode may still have gone on)
+    # index in `tokens` of the segment whose close a loop guard forced (the decode may have gone
+    # on after it); None when no guard overrode a choice
+    guarded_at: int | None = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.guarded_at is not None
 
     @property
     def avg_logprob(self) -> float:

@@ -43,7 +43,7 @@ class _SegmentLoopGuard:
         self.tb = timestamp_begin
         self.max_repeats = max_repeats
         self.forced = list(forced)
-        self.fired = False  # must_close overrode a choice
+        self.fired_at: int | None = None  # segment_start when must_close first overrode a choice
 
     def segment_start(self, generated: list[int]) -> int:
         """Index in `generated` of the open (or just closed) segment's opening timestamp."""
@@ -65,7 +65,8 @@ class _SegmentLoopGuard:
     def must_close(self, generated: list[int]) -> bool:
         run = self._run(generated)
         close = bool(run) and repeats_too_often(run, self.max_repeats)
-        self.fired |= close
+        if close and self.fired_at is None:
+            self.fired_at = self.segment_start(generated)
         return close
 
     def runaway(self, generated: list[int]) -> bool:
@@ -248,8 +249,8 @@ class WhisperEngine:
             keep = guard.segment_start(list(out.tokens))
             out = GreedyResult(out.tokens[:keep], False, out.logprobs[:keep], out.probe, True,
                                out.logits)
-        if guard is not None and guard.fired:
-            out = replace(out, guarded=True)
+        if guard is not None and guard.fired_at is not None:
+            out = replace(out, guarded_at=min(guard.fired_at, len(out.tokens)))
         return out
 
     def text_scores(self, result: GreedyResult) -> GreedyResult:
