@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgestream.export.errors import ExportError
 from edgestream.export.lm.deltanet import GatedDeltaNetPass
 
 # model_type of a loaded *ForCausalLM -> family name in the manifest. A `qwen3_5`/`qwen3_5_moe`
@@ -58,8 +59,9 @@ def hybrid_kinds(config: object) -> list[str]:
     types = list(getattr(config, "layer_types", None) or [])
     if len(types) != config.num_hidden_layers or \
             not set(types) <= {"linear_attention", "full_attention"}:
-        raise ValueError(f"layer_types {types!r}: expected linear_attention/full_attention for "
-                         f"each of the {config.num_hidden_layers} layers")
+        raise ExportError(f"config.json: layer_types {types!r} must name linear_attention or "
+                          f"full_attention for each of the {config.num_hidden_layers} layers; "
+                          "this hybrid layout has no graph yet")
     return ["linear_attention" if t == "linear_attention" else "attention" for t in types]
 
 
