@@ -5,10 +5,12 @@ carry and the recurrent state as explicit inputs and outputs.
 Transformers' own layer cannot be traced: its chunked path pads to 64 tokens and loops over
 chunks, and its triangular solve is either `solve_triangular` or a Python loop over the chunk.
 Here the whole pass is one chunk. The delta rule inside a chunk needs (I + A)^-1 for a strictly
-lower-triangular A (nilpotent: A^T = 0); that inverse is the finite product
-(I - A)(I + A^2)(I + A^4)...(I + A^(2^(m-1))) = sum of (-A)^n for n < 2^m, exact once 2^m >= T.
-With T <= K the number of factors m = ceil(log2 K) is fixed at export, so the graph has a fixed
-handful of T x T matmuls whatever T is, and no loop.
+lower-triangular A. It is computed by block doubling on A padded to P x P (P: the power of two
+>= K): the inverses of the 1x1, 2x2, 4x4 ... diagonal blocks, each level from the one below as
+[[X11, 0], [-X22 A21 X11, X22]]. That is log2 P levels of batched matmuls with static shapes
+whatever T is, no loop over tokens, and the conditioning of ordinary triangular inversion (the
+shorter Neumann product sum((-A)^n) loses everything to cancellation when keys are nearly
+parallel).
 
 State, per layer (both `replace` states, fp32):
 - `conv`  [1, conv_dim, kernel - 1]: the last kernel-1 projected q/k/v inputs of the causal conv;
@@ -16,8 +18,6 @@ State, per layer (both `replace` states, fp32):
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,30 @@ from transformers.activations import ACT2FN
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # the same formula as transformers' (and FLA's) l2norm: parity down to rounding
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def unit_lower_inverse(a: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """(I + a)^-1 for a strictly lower-triangular `a [B, H, T, T]`, T <= `max_tokens`, by block
+    doubling on a zero-padded P x P copy (the top-left T x T block of the padded inverse is the
+    inverse: the matrix is lower triangular)."""
+    t = a.shape[-1]
+    p = 1 << max(0, (max_tokens - 1).bit_length())
+    a = F.pad(a, (0, p - t, 0, p - t))
+    lead = a.shape[:-2]
+    inverse = a.new_ones(*lead, p, 1, 1)  # the p diagonal 1x1 blocks of I + a
+    size = 1
+    while size < p:
+        n = p // (2 * size)  # blocks of 2*size at this level
+        # A21 of each block: rows in its lower half, columns in its upper half
+        grid = a.reshape(*lead, n, 2, size, n, 2, size)[..., :, 1, :, :, 0, :]
+        same = torch.eye(n, dtype=a.dtype, device=a.device).view(n, 1, n, 1)
+        a21 = (grid * same).sum(dim=-2)  # [B, H, n, size, size]
+        x11, x22 = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        x21 = -(x22 @ a21 @ x11)
+        inverse = torch.cat([torch.cat([x11, torch.zeros_like(x11)], dim=-1),
+                             torch.cat([x21, x22], dim=-1)], dim=-2)
+        size *= 2
+    return inverse.reshape(*lead, p, p)[..., :t, :t]
 
 
 def gated_delta_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -52,20 +76,13 @@ def gated_delta_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     t = torch.arange(q.shape[2], device=q.device)
     lower = t.view(-1, 1) >= t.view(1, -1)  # token i sees token j <= i
     strict = t.view(-1, 1) > t.view(1, -1)
-    eye = (t.view(-1, 1) == t.view(1, -1)).float()
     cum = g.cumsum(dim=-1)  # [B, H, T]: log of the decay from the pass start to each token
     # decay between token j and token i (j <= i); masked before exp so nothing overflows
     decay = torch.where(lower, cum.unsqueeze(-1) - cum.unsqueeze(-2),
                         torch.full_like(cum.unsqueeze(-1), float("-inf"))).exp()
     k_beta = k * beta.unsqueeze(-1)
     a = torch.where(strict, (k_beta @ k.transpose(-1, -2)) * decay, torch.zeros_like(decay))
-    # (I + A)^-1 as a fixed product of ceil(log2 max_tokens) factors (see the module doc)
-    neg = -a
-    inverse = eye + neg
-    power = neg
-    for _ in range(max(0, math.ceil(math.log2(max(1, max_tokens)))) - 1):
-        power = power @ power
-        inverse = inverse @ (eye + power)
+    inverse = unit_lower_inverse(a, max_tokens)
     grow = cum.exp().unsqueeze(-1)  # decay from the pass start to token i
     u = inverse @ (v * beta.unsqueeze(-1))
     w = inverse @ (k_beta * grow)
