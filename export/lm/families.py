@@ -78,14 +78,14 @@ class HybridLMGraph(nn.Module):
             for i, (layer, kind) in enumerate(zip(model.model.layers, self.kinds))
             if kind == "linear_attention"})
 
-    def layout(self) -> HybridLayout:
+    def layout(self, kv_slots: int) -> HybridLayout:
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         names, shapes, recurrent = [], [], []
         for i, kind in enumerate(self.kinds):
             if kind == "attention":
                 names += [f"k_{i}", f"v_{i}"]
-                shapes += [[1, cfg.num_key_value_heads, 0, head_dim]] * 2  # slots filled in
+                shapes += [[1, cfg.num_key_value_heads, kv_slots, head_dim]] * 2
             else:
                 conv, rec = self.deltanet[str(i)].state_shapes()
                 names += [f"conv_{i}", f"rec_{i}"]

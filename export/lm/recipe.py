@@ -143,15 +143,14 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         group = [f"k_{i}", f"v_{i}"] if kind == "attention" else [f"conv_{i}"]
         names += group
         shapes += [kv_shape if kind == "attention" else conv_shape] * len(group)
-    graph = DecoderLMGraph(parts.model).eval()
     recurrent = [{"input": f"conv_{i}", "output": f"new_conv_{i}"}
                  for i in range(layers) if kinds[i] == "conv"]
     if hybrid:  # linear attention (Gated DeltaNet) + gated full attention (+ MoE)
         prepare_hybrid(parts.model)
-        graph = HybridLMGraph(parts.model, k).eval()
-        layout = graph.layout()
-        kinds, names, recurrent = layout.kinds, layout.names, layout.recurrent
-        shapes = [kv_shape if n[0] in "kv" else s for n, s in zip(names, layout.shapes)]
+        hybrid_graph = HybridLMGraph(parts.model, k).eval()
+        layout = hybrid_graph.layout(c)
+        kinds, names, shapes, recurrent = (layout.kinds, layout.names, layout.shapes,
+                                           layout.recurrent)
     states = [torch.zeros(*shape) for shape in shapes]
     args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
             torch.zeros(1, 1, k, c), *states)
@@ -159,6 +158,9 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens},
                "attention_mask": {2: tokens}, "states": tuple(None for _ in states)}
     path = out / "lm.onnx"
+    graph = DecoderLMGraph(parts.model).eval()
+    if hybrid:
+        graph = hybrid_graph
     with torch.no_grad():
         try:
             # torch.onnx.export turns the tuple of the varargs' shapes into a list, which
