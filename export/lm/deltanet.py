@@ -33,10 +33,13 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def unit_lower_inverse(a: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """(I + a)^-1 for a strictly lower-triangular `a [B, H, T, T]`, T <= `max_tokens`, by block
     doubling on a zero-padded P x P copy (the top-left T x T block of the padded inverse is the
-    inverse: the matrix is lower triangular)."""
+    inverse: the matrix is lower triangular). The copy is made by a T x P selection matmul, not
+    a pad, so P stays a static size while T is symbolic."""
     t = a.shape[-1]
     p = 1 << max(0, (max_tokens - 1).bit_length())
-    a = F.pad(a, (0, p - t, 0, p - t))
+    select = (torch.arange(t, device=a.device).view(-1, 1) ==
+              torch.arange(p, device=a.device).view(1, -1)).to(a.dtype)  # [T, P]
+    a = select.transpose(0, 1) @ a @ select
     lead = a.shape[:-2]
     inverse = a.new_ones(*lead, p, 1, 1)  # the p diagonal 1x1 blocks of I + a
     size = 1
@@ -51,7 +54,7 @@ def unit_lower_inverse(a: torch.Tensor, max_tokens: int) -> torch.Tensor:
         inverse = torch.cat([torch.cat([x11, torch.zeros_like(x11)], dim=-1),
                              torch.cat([x21, x22], dim=-1)], dim=-2)
         size *= 2
-    return inverse.reshape(*lead, p, p)[..., :t, :t]
+    return select @ inverse.reshape(*lead, p, p) @ select.transpose(0, 1)
 
 
 def gated_delta_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
