@@ -99,6 +99,30 @@ def test_engine_states_equal_transformers_cache(hybrid: tuple[str, Path, Path, d
     assert np.abs(ours - ref).max() < 1e-3
 
 
+def test_rollback_past_many_passes(hybrid: tuple[str, Path, Path, dict]) -> None:
+    """A speculative reply of more single-token passes than the engine keeps snapshots for,
+    then discarded: the rollback still lands (older snapshots are thinned, not dropped) and the
+    next logits equal transformers' forward over the kept tokens."""
+    from edgestream.runtime.responder.engine import LMEngine
+    from edgestream.runtime.responder.lm import load_lm
+
+    _, folder, bundle, _ = hybrid
+    lm = load_lm(bundle, provider="cpu")
+    ids = np.random.default_rng(8).integers(10, 49000, 60).tolist()
+    engine = LMEngine(lm, margin=32)
+    engine.SAVED = 8  # few snapshots: 30 reply steps are far more passes than that
+    engine.feed(ids[:20])
+    mark = engine.mark()
+    for t in ids[20:50]:
+        engine.feed([t])
+    assert len(engine._saved) <= 8
+    assert engine.rollback(mark)
+    ours = engine.feed(ids[50:], all_logits=True)
+    with torch.no_grad():
+        ref = _hf(folder)(torch.tensor([ids[:20] + ids[50:]])).logits[0, 20:].numpy()
+    assert np.abs(ours - ref).max() < 1e-3
+
+
 def test_deltanet_pass_equals_per_token_recurrence() -> None:
     """The exportable pass (one closed-form chunk per pass) against transformers' per-token
     reference, carried across passes of 32, 1 and 5 tokens; also with nearly parallel keys and
