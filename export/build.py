@@ -109,6 +109,9 @@ def _lm() -> Recipe:
 RECIPES: dict[str, Callable[[], Recipe]] = {"whisper": _whisper, "moonshine_streaming": _moonshine}
 # decoder-only LMs for the responder (export/lm)
 RECIPES.update({family: _lm for family in ("llama", "qwen3", "lfm2")})
+# hybrids: Gated DeltaNet + gated attention (+ MoE); a qwen3_5* checkpoint exports its text backbone
+RECIPES.update({family: _lm for family in ("qwen3_next", "qwen3_5", "qwen3_5_text",
+                                           "qwen3_5_moe", "qwen3_5_moe_text")})
 
 
 def graphs_to_quantize(data: dict, mode: str) -> tuple[str, ...]:

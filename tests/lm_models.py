@@ -39,12 +39,38 @@ def tiny_config(family: str):  # type: ignore[no-untyped-def]
     if family == "lfm2":  # short convolutions and attention, interleaved
         common.update(num_hidden_layers=4, conv_L_cache=3,
                       layer_types=["conv", "full_attention", "conv", "full_attention"])
+    if family in HYBRID_FAMILIES:
+        common.update(hybrid_fields(family))
+        if family in ("qwen3_5", "qwen3_5_moe"):  # the text backbone's own config
+            return AutoConfig.for_model(f"{family}_text", **common)
     return AutoConfig.for_model(family, **common)
 
 
-def build_tiny_lm(folder: Path, family: str, seed: int = 0, chat_template: bool = True) -> Path:
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+def hybrid_fields(family: str) -> dict:
+    """Gated DeltaNet + gated attention, interleaved over 4 layers; grouped value heads (4 value
+    heads per 2 key heads) and a 4-tap conv; the MoE families route 2 of 4 experts + a shared
+    expert in every layer."""
+    fields = dict(num_hidden_layers=4, head_dim=16, linear_conv_kernel_dim=4,
+                  linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+                  linear_num_value_heads=4,
+                  layer_types=["linear_attention", "full_attention"] * 2)
+    if family != "qwen3_5":
+        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, norm_topk_prob=True)
+    if family == "qwen3_next":
+        fields.update(decoder_sparse_step=1, mlp_only_layers=[])
+    return fields
+
+
+def build_tiny_lm(folder: Path, family: str, seed: int = 0, chat_template: bool = True,
+                  composite: bool = False) -> Path:
     """Random weights re-drawn at unit scale so attention is peaked and greedy tokens vary: a
-    wrong mask, position or cache row then shows in every number."""
+    wrong mask, position or cache row then shows in every number. `composite` (qwen3_5,
+    qwen3_5_moe): saved as the vision + text checkpoint those releases ship (a tiny vision
+    tower beside the same language model), whose text backbone the exporter must pick out."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -54,14 +80,33 @@ def build_tiny_lm(folder: Path, family: str, seed: int = 0, chat_template: bool 
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
                 p.normal_(0.0, 1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+            elif p.dim() >= 2:  # fan-in: the last axis (Linear, conv taps, stacked experts)
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    if composite:
+        model = _as_composite(model, family)
     model.save_pretrained(folder)
     tok = smollm2_tokenizer()
     if not chat_template:
         tok.chat_template = None
     tok.save_pretrained(folder)
     return folder
+
+
+def _as_composite(text_model, family: str):  # type: ignore[no-untyped-def]
+    """The `*ForConditionalGeneration` of `family` holding `text_model`'s weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                  out_hidden_size=text_model.config.hidden_size, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+    cfg = AutoConfig.for_model(family, text_config=text_model.config.to_dict(),
+                               vision_config=vision, tie_word_embeddings=True)
+    model = AutoModelForImageTextToText.from_config(cfg).eval()
+    weights = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in text_model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith("model.visual.") for k in missing), missing
+    return model
 
 
 def export_tiny_lm(folder: Path, out: Path, precision: str = "fp32", kv_slots: int = 64,

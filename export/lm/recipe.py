@@ -14,6 +14,7 @@ import torch
 
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
+from edgestream.export.lm.families import HYBRID_FAMILIES, HybridLMGraph, prepare_hybrid
 from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds
 from edgestream.export.onnx_export import OPSET, _DTYPES
 from edgestream.export.sources import ResolvedSource
@@ -82,7 +83,8 @@ def load_lm_source(src: ResolvedSource, revision: str | None = None) -> LMParts:
     except (OSError, ValueError) as e:
         raise ExportError(f"{src.text}: cannot load this language model ({e})") from e
     model.eval()
-    return LMParts(model, tokenizer, model.config.model_type, source)
+    family = model.config.model_type
+    return LMParts(model, tokenizer, HYBRID_FAMILIES.get(family, family), source)
 
 
 def _stop_tokens(parts: LMParts, pieces: dict[str, str]) -> list[int]:
@@ -121,9 +123,10 @@ def _entry(name: str, path: Path, tokens: int) -> dict:
 def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     """Write lm.onnx and tokenizer.json into `out`; return the manifest dict."""
     cfg = parts.model.config
-    if parts.family not in ATTENTION_FAMILIES:
+    hybrid = parts.family in HYBRID_FAMILIES
+    if parts.family not in ATTENTION_FAMILIES and not hybrid:
         raise ExportError(f"LM family {parts.family!r} has no graph yet (supported: "
-                          f"{', '.join(ATTENTION_FAMILIES)})")
+                          f"{', '.join(ATTENTION_FAMILIES + tuple(HYBRID_FAMILIES))})")
     if opts.chunk_tokens < 2 or opts.kv_slots < 2 * opts.chunk_tokens:
         raise ExportError(f"--chunk-tokens {opts.chunk_tokens} / --kv-slots {opts.kv_slots}: "
                           "need chunk >= 2 and at least two chunks of slots")
@@ -140,6 +143,14 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         group = [f"k_{i}", f"v_{i}"] if kind == "attention" else [f"conv_{i}"]
         names += group
         shapes += [kv_shape if kind == "attention" else conv_shape] * len(group)
+    recurrent = [{"input": f"conv_{i}", "output": f"new_conv_{i}"}
+                 for i in range(layers) if kinds[i] == "conv"]
+    if hybrid:  # linear attention (Gated DeltaNet) + gated full attention (+ MoE)
+        prepare_hybrid(parts.model)
+        hybrid_graph = HybridLMGraph(parts.model, k).eval()
+        layout = hybrid_graph.layout(c)
+        kinds, names, shapes, recurrent = (layout.kinds, layout.names, layout.shapes,
+                                           layout.recurrent)
     states = [torch.zeros(*shape) for shape in shapes]
     args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
             torch.zeros(1, 1, k, c), *states)
@@ -148,6 +159,8 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
                "attention_mask": {2: tokens}, "states": tuple(None for _ in states)}
     path = out / "lm.onnx"
     graph = DecoderLMGraph(parts.model).eval()
+    if hybrid:
+        graph = hybrid_graph
     with torch.no_grad():
         try:
             # torch.onnx.export turns the tuple of the varargs' shapes into a list, which
@@ -187,8 +200,7 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
                                   "new_v": f"new_v_{i}"}
                                  for i in range(layers) if kinds[i] == "attention"],
             # small states replaced every pass (rolled back by snapshot, not by masking)
-            "recurrent_states": [{"input": f"conv_{i}", "output": f"new_conv_{i}"}
-                                 for i in range(layers) if kinds[i] == "conv"],
+            "recurrent_states": recurrent,
             "chat": pieces,
             "model": {"layers": layers, "kinds": kinds, "hidden": cfg.hidden_size,
                       "kv_heads": kv_heads, "head_dim": head_dim}}},

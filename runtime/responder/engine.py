@@ -114,11 +114,20 @@ class LMEngine:
         return self.kv.truncate(position)
 
     SAVED = 64  # pass boundaries whose recurrent states are kept
+    SAVED_BYTES = 256 << 20  # and at most this many bytes of them (DeltaNet memories are MBs)
 
     def _save(self) -> None:
         self._saved[self.position] = {n: b.copy() for n, b in self.recurrent.items()}
-        if len(self._saved) > self.SAVED:
-            del self._saved[min(self._saved)]
+        size = max(1, sum(b.nbytes for b in self.recurrent.values()))
+        if len(self._saved) > max(8, min(self.SAVED, self.SAVED_BYTES // size)):
+            # thin out rather than forget the oldest (a rollback past it would be impossible,
+            # e.g. a discarded speculative reply of more passes than SAVED): drop the boundary
+            # whose removal leaves the smallest gap relative to its age, so the spacing grows
+            # with age and the re-feed after a rollback stays short for recent positions
+            p = sorted(self._saved)
+            now = self.position + 1
+            score = [(p[i + 1] - p[i - 1]) / (now - p[i]) for i in range(1, len(p) - 1)]
+            del self._saved[p[1 + int(np.argmin(score))]]
 
     def _rollback_recurrent(self, position: int) -> bool:
         back = [p for p in self._saved if p <= position]
