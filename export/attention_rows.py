@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper, shape_inference
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 512  # below this the scores are small and slicing only adds nodes
-ROWS_PER_SLICE = 250  # Whisper: 1500 frames -> 6 slices, [heads, 250, 1500] scores each
+ROWS_PER_SLICE = 125  # Whisper: 1500 frames -> 12 slices, [heads, 125, 1500] scores each
 
 
 def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
