@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="tiny.en", choices=list(MODELS))
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=BUNDLE",
+                   help="also measure this bundle in the same run (e.g. one exported by an "
+                        "earlier version, for before/after figures)")
     p.add_argument("--cache", type=Path, default=None,
                    help="bundles are kept here (default ~/.cache/edgestream/bench7[-base])")
     args = p.parse_args(argv)
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgestream.runtime.audio.wav import read_wav, to_mono
 
     bundles = build_bundles(cache, args.model)
+    for extra in args.extra:
+        label, _, where = extra.partition("=")
+        bundles[label] = Path(where)
     ct2_dir = ct2_folder(args.model, cache)
     refs = dict(line.split("\t", 1) for line in (SPEECH / "refs.tsv").read_text().splitlines()
                 if line.strip())
