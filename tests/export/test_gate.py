@@ -103,3 +103,29 @@ def test_interrupted_export_keeps_the_old_bundle(tiny_whisper_dir: Path, tiny_bu
                                     quantize="int8"))
     assert _digests(out) == before and not _leftovers(tmp_path, "out")
     Bundle.open(out)
+
+
+def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tiny_bundle: Path,
+                                        tmp_path: Path) -> None:
+    """int8-qdq is built (calibrated on the real clips) and measured like every variant: its row
+    carries agreement, logit difference, size and latency, and the gate's decision follows the
+    thresholds. Measured on the tiny random model (40 windows): it keeps >= 0.99 of fp32's greedy
+    tokens and ships; at a 0.9999 agreement bar the same variant is rejected with the table."""
+    out = tmp_path / "out"
+    export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", quantize="int8-qdq",
+                                eval_windows=WINDOWS, min_agreement=0.99, wer_budget=1000.0))
+    data = json.loads((out / "manifest.json").read_text())
+    acc = data["accuracy"]
+    row = acc["rows"][1]
+    assert acc["chosen"] == "int8-qdq" and row["passed"] and row["agreement"] >= 0.99
+    assert 0 < row["max_logit_diff"] and row["size_mb"] < acc["rows"][0]["size_mb"] / 2
+    assert {g["name"]: g["precision"] for g in data["graphs"]} == {"encoder": "int8-qdq",
+                                                                  "decoder": "int8-qdq"}
+    Bundle.open(out)
+    with pytest.raises(ParityError, match="no quantized variant passed") as err:
+        export_bundle(ExportOptions(str(tiny_whisper_dir), tmp_path / "strict", vad="none",
+                                    quantize="int8-qdq", eval_windows=WINDOWS,
+                                    min_agreement=0.9999, wer_budget=1000.0))
+    strict = err.value.report["rows"][1]
+    assert strict["agreement"] == row["agreement"] and "agreement" in strict["reason"]
+    assert not (tmp_path / "strict").exists()
