@@ -166,6 +166,10 @@ def export_bundle(opts: ExportOptions) -> dict:
     tmp.mkdir()
     try:
         data = recipe.graphs(parts, tmp, opts)
+        if recipe.audio:  # long attentions a slice of query rows at a time: exact, less memory
+            from edgestream.export.attention_rows import slice_bundle_attention
+
+            slice_bundle_attention(tmp, data)
         data["tokenizer"]["sha256"] = sha256_file(tmp / data["tokenizer"]["file"])
         if opts.vad == "silero" and recipe.audio:
             from edgestream.export.vad import add_silero_vad

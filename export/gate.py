@@ -28,11 +28,13 @@ from edgestream.runtime.manifest import MANIFEST_NAME
 log = logging.getLogger(__name__)
 
 # what each device class runs well: dynamic int8 (MatMulInteger) is a CPU kernel and slow on
-# CUDA; the CPU provider computes fp16 graphs in fp32, so fp16 is for GPUs only
-TARGETS = {"cpu": ("fp32", "int8", "int4", "int8-nbits"),
-           "gpu": ("fp32", "fp16", "int4", "int8-nbits")}
+# CUDA; the CPU provider computes fp16 graphs in fp32, so fp16 is for GPUs only; int8-qdq is
+# TensorRT's int8; the CPU provider runs it correctly but slowly (tiny random Whisper, loaded
+# machine: decoder step 47 ms vs 6 ms fp32), so it is no CPU `auto` candidate
+TARGETS = {"cpu": ("fp32", "int8", "int4", "int8-nbits", "int8-qdq"),
+           "gpu": ("fp32", "fp16", "int4", "int8-nbits", "int8-qdq")}
 AUTO = {"cpu": ("int8", "encoder=int8,decoder=int4", "int4"),
-        "gpu": ("fp16", "encoder=fp16,decoder=int4")}
+        "gpu": ("fp16", "encoder=fp16,decoder=int4", "int8-qdq")}
 TYPICAL_STEPS = 32  # decoder steps per window, to rank variants by speed
 
 
@@ -100,9 +102,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def _build(fp32: Path, data: dict, plan: dict[str, str], folder: Path, block: int) -> dict:
+def _build(fp32: Path, data: dict, plan: dict[str, str], folder: Path, block: int,
+           calibration_audio: Path | None = None) -> dict:
     shutil.copytree(fp32, folder)
-    out = quantize_graphs(folder, data, plan, block_size=block)
+    out = quantize_graphs(folder, data, plan, block_size=block,
+                          calibration_audio=calibration_audio)
     (folder / MANIFEST_NAME).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -137,7 +141,7 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
         rows.append(evaluator.reference.row())
     for i, (spec, plan) in enumerate(plans):
         folder = scratch / f"variant{i}"
-        manifests[spec] = _build(fp32, data, plan, folder, opts.block_size)
+        manifests[spec] = _build(fp32, data, plan, folder, opts.block_size, opts.eval_audio)
         folders[spec] = folder
         if evaluator is None:
             rows.append(_parity_gate(recipe, parts, folder, spec, opts))

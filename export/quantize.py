@@ -36,9 +36,14 @@ PRECISIONS = {
             "(the state) stay fp32",
     "int8": "dynamic int8 per-channel weights (MatMulInteger) for CPUs; the tied embedding is "
             "a quantized gather",
-    "int4": "4-bit weights in blocks (MatMulNBits), activations quantized per row, so a K-token "
-            "block and a one-token step agree",
-    "int8-nbits": "8-bit weights in blocks (MatMulNBits), activations quantized per row",
+    "int4": "4-bit weights in blocks (MatMulNBits); graphs run at several token counts (the "
+            "decoder's step and block) keep fp32 activations, so a K-token block and one-token "
+            "steps agree (exact re-scoring); others quantize activations to int8 per row",
+    "int8-nbits": "8-bit weights in blocks (MatMulNBits), activations quantized to int8 per row "
+                  "(block and step agree on small models, not at published width)",
+    "int8-qdq": "static int8 in QDQ form for TensorRT: per-channel symmetric weights, symmetric "
+                "activation scales calibrated on speech (the fp32 bundle's own inputs while it "
+                "transcribes the calibration clips); fixed scales, so block and step agree",
 }
 NBITS = {"int4": 4, "int8-nbits": 8}
 DEFAULT_BLOCK = 32
@@ -138,16 +143,60 @@ def _dynamic_int8(model: onnx.ModelProto, folder: Path, weight_type: str,
         return onnx.load(str(dst))
 
 
-def _nbits(model: onnx.ModelProto, bits: int, block: int) -> onnx.ModelProto:
+# MatMulNBits' compute type. 4: activations quantized to int8 per block of a row (fastest on
+# CPUs with int8 dot products). 1: weights dequantized, activations stay fp32 (weight-only).
+# Per-row int8 activations make a row's result independent of the other rows of a K-token block,
+# but not exact: the 1-token and 16-token kernels of the fp32 operators in between (attention,
+# layer norm) round differently (1e-6), a value on a rounding boundary of the int8 activation
+# then moves by a whole quantization step, and depth amplifies it. moonshine_streaming tiny at
+# published width, random weights, 16-token block vs 16 steps: int4 1.7e-2, int8-nbits 1.3e-2
+# with level 4; the first differing node is a MatMulNBits whose inputs agree to 1e-6. Graphs that
+# run at several token counts (a manifest `dims` axis: the decoder's step and block) therefore
+# keep fp32 activations in 4-bit: block and step then differ by fp32 rounding only (1.7e-6 there),
+# and the step is faster too (real tiny.en decoder, 2 threads, loaded machine: 16 ms vs 47 ms).
+# 8-bit weights have no fp32-activation kernel on x86 (the weight is dequantized on every call:
+# 1.4 s per step), so int8-nbits keeps int8 activations and is not exact at published width.
+ACCURACY_INT8_ACTIVATIONS = 4
+ACCURACY_FP32_ACTIVATIONS = 1
+
+
+def _nbits(model: onnx.ModelProto, bits: int, block: int,
+           accuracy_level: int = ACCURACY_INT8_ACTIVATIONS) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # accuracy_level 4: activations are quantized to int8 per row (per block of a row), so a
-    # row's result does not depend on the other rows of a K-token block: block and step agree.
     # Symmetric weights: the quantized gather then needs no zero points.
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                             accuracy_level=4, op_types_to_quantize=("MatMul",))
+                             accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model
+
+
+def _batch(n: int) -> int:
+    """Calibration outputs held at once (bounds memory). onnxruntime's MinMax calibrator fails
+    with "No data is collected" when the feed count is a multiple of it, so pick one that is not."""
+    return next((m for m in (8, 7, 6, 5, 3) if n % m), n + 1)
+
+
+def _static_qdq(model: onnx.ModelProto, folder: Path, feeds: tuple) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    from edgestream.export.calibration import feed_reader
+
+    large = weight_bytes(model) > EXTERNAL_THRESHOLD
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=folder) as tmp:
+        src, dst = Path(tmp) / "folded.onnx", Path(tmp) / "qdq.onnx"
+        save_model(model, src)
+        # TensorRT takes symmetric int8 (zero point 0) for weights and activations
+        quantize_static(src, dst, feed_reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                        reduce_range=False, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=large,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "MatMulConstBOnly": True,
+                                       "CalibMaxIntermediateOutputs": _batch(len(feeds))})
+        return onnx.load(str(dst))
 
 
 def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -160,11 +209,14 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT_BLOCK,
-                  weight_type: str = WEIGHT_TYPE, per_channel: bool = True) -> dict:
+                  weight_type: str = WEIGHT_TYPE, per_channel: bool = True,
+                  calibration: tuple = (), exact_rows: bool = False) -> dict:
     """Convert one ONNX file to `precision` in place (external data included); returns {folded,
     gathers rewritten, sizes before/after, remaining fp32 MatMul weights}. `per_channel` (int8):
     scales each weight column apart (Whisper tiny.en encoder error 0.069 instead of 0.087
-    relative RMS, for about 10 % more encoder time)."""
+    relative RMS, for about 10 % more encoder time). `calibration` (int8-qdq): this graph's
+    recorded feeds (`calibration.record`). `exact_rows` (int4): the graph runs at several token
+    counts (step and block), so its activations stay fp32 (see ACCURACY_FP32_ACTIVATIONS)."""
     if precision not in PRECISIONS or precision == "fp32":
         choices = ", ".join(p for p in PRECISIONS if p != "fp32")
         raise QuantizeError(f"{path}: precision {precision!r} is not one a graph can be "
@@ -185,8 +237,16 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
             tied = _tied(model)
             if precision == "int8":
                 model = _dynamic_int8(model, path.parent, weight_type, per_channel)
+            elif precision == "int8-qdq":
+                if not calibration:
+                    raise QuantizeError(f"{path}: int8-qdq needs calibration feeds for this "
+                                        "graph (export.calibration.record)")
+                model = _static_qdq(model, path.parent, calibration)
             else:
-                model = _nbits(model, NBITS[precision], block_size)
+                fp32_activations = exact_rows and NBITS[precision] == 4
+                model = _nbits(model, NBITS[precision], block_size,
+                               ACCURACY_FP32_ACTIVATIONS if fp32_activations else
+                               ACCURACY_INT8_ACTIVATIONS)
             gathers = rewrite_tied_gathers(model, tied)
     except QuantizeError:
         raise
@@ -225,11 +285,13 @@ def refresh_entry(entry: dict, folder: Path) -> None:
 
 def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[str, ...],
                     block_size: int = DEFAULT_BLOCK, weight_type: str = WEIGHT_TYPE,
-                    per_channel: bool = True) -> dict:
+                    per_channel: bool = True, calibration_audio: Path | None = None) -> dict:
     """Convert the graphs of `plan` ({graph name: precision}; a tuple of names means int8) in
     place in `folder`. Returns a copy of `manifest` with each converted graph's hashes recomputed
     and ``precision`` (and ``block_size`` for MatMulNBits) set; writing it is the caller's job.
-    Inputs and outputs stay identical."""
+    Inputs and outputs stay identical. int8-qdq calibrates on the clips of
+    `calibration_audio`/refs.tsv (default: the project's real clips), transcribed by the fp32
+    graphs of `folder` before any of them is converted."""
     if weight_type not in ("QInt8", "QUInt8"):
         raise QuantizeError(f"weight type {weight_type!r} is not supported; use QInt8 or QUInt8")
     if not isinstance(plan, dict):
@@ -245,6 +307,17 @@ def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[s
     if bad:
         raise QuantizeError(f"precision {', '.join(f'{g}={p}' for g, p in bad.items())} is not "
                             f"supported; use one of {', '.join(PRECISIONS)}")
+    calibration = None
+    if "int8-qdq" in plan.values():
+        from edgestream.export.calibration import calibration_clips, record
+        from edgestream.export.evaluation import default_eval_dir
+
+        if any(entries[g].get("precision", "fp32") != "fp32" for g in entries):
+            raise QuantizeError(f"{folder}: int8-qdq calibrates on the fp32 bundle; convert "
+                                "from the fp32 export")
+        clips = calibration_clips(Path(calibration_audio or default_eval_dir()))
+        calibration = record(folder, clips)
+        out.setdefault("calibration", {})["clips"] = [Path(c).name for c in calibration.clips]
     for name, precision in plan.items():
         entry = entries[name]
         path = folder / entry["file"]
@@ -258,9 +331,12 @@ def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[s
         if sha256_file(path) != entry.get("sha256"):
             raise QuantizeError(f"{path}: sha256 does not match manifest graphs[{name}].sha256; "
                                 "re-export the bundle before quantizing")
-        quantize_file(path, precision, block_size, weight_type, per_channel)
+        multi_size = any(len(sizes) > 1 for sizes in entry.get("dims", {}).values())
+        quantize_file(path, precision, block_size, weight_type, per_channel,
+                      calibration.feeds.get(name, ()) if calibration else (), multi_size)
         refresh_entry(entry, folder)
         entry["precision"] = precision
         if precision in NBITS:
             entry["block_size"] = block_size
+            entry["activations"] = "fp32" if multi_size and NBITS[precision] == 4 else "int8"
     return out

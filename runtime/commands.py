@@ -27,13 +27,23 @@ from edgestream.runtime.subtitles import FORMATS, render
 # CLI flag -> stream option; only flags the user gave are passed, so the model can say which
 # options do not fit its family
 STREAM_FLAGS = ("endpoint_ms", "vad", "energy_threshold_db", "step_ms", "context_s",
-                "partial_ms", "speculate_ms")
+                "partial_ms", "speculate_ms", "language", "task")
+# the flags `transcribe` passes to the model as options (Whisper: language and task)
+TRANSCRIBE_FLAGS = ("language", "task")
 
 
 def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (default: CUDA if available, else CPU)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
+
+
+def add_language_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--language", help="Whisper, multilingual bundles: the spoken language code "
+                                      "(e.g. de); not given: detected per window")
+    p.add_argument("--task", choices=["transcribe", "translate"],
+                   help="Whisper, multilingual bundles: transcribe (default) or translate to "
+                        "English")
 
 
 def add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path,
                    help="write FILE.<format> per input here (needed for several files with "
                         "srt, vtt or json)")
+    add_language_args(p)
     add_session_args(p)
     p.set_defaults(handler=transcribe)
 
@@ -101,6 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pause-ms", type=int, default=200,
                    help="the responder starts its reply speculatively after this pause (200)")
     add_stream_args(p)
+    add_language_args(p)
     add_session_args(p)
     p.set_defaults(handler=run)
     register_service(sub)
@@ -113,8 +125,10 @@ def transcribe(args: argparse.Namespace) -> int:
                           "--output-dir DIR to write one file per input")
     audio = [read_wav(Path(f)) for f in args.files]  # every file is checked before any output
     model = load(args.bundle, args.provider, args.threads)
+    options = {k: getattr(args, k) for k in TRANSCRIBE_FLAGS if getattr(args, k, None) is not None}
+    model.stream(**options)  # language and task checked before any output
     for f, wav in zip(args.files, audio):
-        result = model.transcribe_segments(wav.samples, wav.sample_rate)
+        result = model.transcribe_segments(wav.samples, wav.sample_rate, **options)
         text = f"{f}\t{result.text}\n" if args.format == "txt" else render(result, args.format,
                                                                            str(f))
         if args.output_dir is not None:

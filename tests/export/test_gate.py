@@ -103,3 +103,32 @@ def test_interrupted_export_keeps_the_old_bundle(tiny_whisper_dir: Path, tiny_bu
                                     quantize="int8"))
     assert _digests(out) == before and not _leftovers(tmp_path, "out")
     Bundle.open(out)
+
+
+def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) -> None:
+    """int8-qdq is built (calibrated on the real clips) and measured like every variant: its row
+    carries agreement, logit difference, size and latency, and the gate decides by the thresholds.
+    Measured on the tiny random model (40 windows): agreement 0.909 (static scales calibrated on
+    speech fit a random model's activations loosely), so a 0.99 bar rejects it with the table
+    and writes nothing, and a 0.85 bar ships it."""
+    with pytest.raises(ParityError, match="no quantized variant passed") as err:
+        export_bundle(ExportOptions(str(tiny_whisper_dir), tmp_path / "strict", vad="none",
+                                    quantize="int8-qdq", eval_windows=WINDOWS,
+                                    min_agreement=0.99, wer_budget=1000.0))
+    rows = err.value.report["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "int8-qdq"]
+    row = rows[1]
+    assert 0.85 < row["agreement"] < 0.99 and "agreement" in row["reason"]
+    assert row["max_logit_diff"] > 0 and row["size_mb"] < rows[0]["size_mb"] / 2
+    assert not (tmp_path / "strict").exists() and not _leftovers(tmp_path, "strict")
+
+    out = tmp_path / "out"
+    export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", quantize="int8-qdq",
+                                eval_windows=WINDOWS, min_agreement=0.85, wer_budget=1000.0))
+    data = json.loads((out / "manifest.json").read_text())
+    acc = data["accuracy"]
+    assert acc["chosen"] == "int8-qdq" and acc["rows"][1]["passed"]
+    assert acc["rows"][1]["agreement"] == row["agreement"]  # the same measurement, deterministic
+    assert {g["name"]: g["precision"] for g in data["graphs"]} == {"encoder": "int8-qdq",
+                                                                  "decoder": "int8-qdq"}
+    Bundle.open(out)

@@ -118,3 +118,51 @@ def test_language_and_task_are_run_time_options(base_bundle: Path) -> None:
     with pytest.raises(OptionError, match=r"task='summarize'"):
         model.stream(task="summarize")
 
+
+
+@pytest.mark.slow
+def test_language_and_task_flags_of_transcribe_and_run(base_bundle: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """`transcribe` and `run` take --language and --task: the flags reach the model (the same
+    text as the library call), no --language detects English on an English clip, translation of
+    English speech stays close to the reference, and bad codes are refused with exit code 2."""
+    import json
+
+    from conftest import references, speech_dir
+
+    from edgestream.export.wer import word_error_rate
+    from edgestream.runtime import cli, load
+    from edgestream.runtime.audio.wav import read_wav, to_mono
+
+    clip = speech_dir() / "arctic_a0009.wav"
+    ref = references()[clip.name]
+    model = load(base_bundle, provider="cpu", threads=2)
+    audio = to_mono(read_wav(clip).samples)
+
+    def transcribe(*flags: str) -> str:
+        assert cli.main(["transcribe", str(base_bundle), str(clip), "--provider", "cpu",
+                         "--threads", "2", *flags]) == 0
+        return capsys.readouterr().out.split("\t", 1)[1].strip()
+
+    english = transcribe("--language", "en")
+    assert english == model.transcribe(audio, 16000, language="en").strip()
+    assert word_error_rate([ref], [english]) <= 0.2, english
+    assert transcribe() == english  # detected: English
+    translated = transcribe("--language", "en", "--task", "translate")
+    assert translated == model.transcribe(audio, 16000, language="en",
+                                          task="translate").strip()
+    assert word_error_rate([ref], [translated]) <= 0.3, translated
+
+    assert cli.main(["run", str(base_bundle), "--input", str(clip), "--jsonl", "--provider",
+                     "cpu", "--threads", "2", "--vad", "energy", "--language", "en",
+                     "--task", "translate"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finals = " ".join(e["text"] for e in events if e["type"] == "final")
+    assert word_error_rate([ref], [finals]) <= 0.3, finals
+
+    for command in (["transcribe", str(base_bundle), str(clip)],
+                    ["run", str(base_bundle), "--input", str(clip), "--vad", "energy"]):
+        assert cli.main([*command, "--provider", "cpu", "--language", "xx"]) == 2
+        err = capsys.readouterr()
+        assert "language='xx' is not one this model knows" in err.err and "de" in err.err
+        assert not err.out.strip() or '"final"' not in err.out
