@@ -3,22 +3,34 @@
 weights, two sizes).
 
 Inputs: `input_ids [1, T]`, `position_ids [1, T]` (absolute positions: RoPE is applied before the
-rows are cached, so where a row sits in the ring does not matter), `attention_mask [1, 1, T, C+T]`
-(additive: the first C columns are the cache slots, the last T this pass's own rows; the runtime
-builds it from its slot bookkeeping, so sinks, window and rollback are all runtime decisions) and
+rows are cached, so where a row sits in the ring does not matter), `attention_mask [1, 1, T, C]`
+(additive, over the cache slots; the runtime builds it from its slot bookkeeping, so sinks, window
+and rollback are all runtime decisions; the pass's own causal part is built in the graph) and
 per attention layer `k_i`, `v_i [1, kv_heads, C, head_dim]`. Outputs: `logits [1, T, vocab]` and
 only this pass's rows `new_k_i`, `new_v_i [1, kv_heads, T, head_dim]`; the runtime writes them
 into its ring buffers. The cache is never copied through the graph.
 
-Transformers' own decoder layers run inside: `_RowCache` stands in for its Cache object (the
-attention layer asks it for "past rows + these rows"), and the explicit 4-D mask means no mask
-factory is traced.
+The slot axis C is symbolic too (`slots` in the manifest, run at a few bucket sizes): a
+conversation that has used few slots attends over a short buffer, and the runtime grows its
+buffers to the next bucket as the conversation goes on (decode cost follows the used window, not
+the capacity).
+
+Transformers' own decoder layers run inside: `_RowCache` stands in for its Cache object (it
+records this pass's rows and hands them back unchanged), and the attention itself is
+`cached_rows_attention`, registered as an attention implementation for the trace: it scores the
+queries against the cached rows and the pass's own rows separately, so the cache is never
+concatenated with the new rows (a copy of every row, every layer, every step) nor expanded to the
+query heads (grouped-query attention is a reshape of the queries instead). The explicit 4-D mask
+means no mask factory is traced.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+
+ROW_ATTENTION = "edgestream_cached_rows"
 
 
 class _RowCache:
@@ -49,9 +61,43 @@ class _RowCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        # only this pass's rows: `cached_rows_attention` reads the cached ones from `past`
         self.new[layer_idx] = (key, value)
-        k, v = self.past[layer_idx]
-        return torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
+        return key, value
+
+
+def cached_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor, scaling: float,
+                          dropout: float = 0.0, row_cache: _RowCache | None = None,
+                          **kwargs: object) -> tuple[torch.Tensor, None]:
+    """Softmax attention over the cached rows `[1, kv, C, d]` and this pass's rows `[1, kv, T,
+    d]` (`key`, `value`) without joining them: the scores of both are joined instead (T x (C+T)
+    per head, small). Queries `[1, h, T, d]` are grouped per KV head as `[1, kv, g*T, d]`."""
+    past_k, past_v = row_cache.past[module.layer_idx]
+    _, heads, t, d = query.shape
+    kv = key.shape[1]
+    g = heads // kv
+    c = past_k.shape[2]
+    q = query.reshape(1, kv, g * t, d)
+    scores = torch.cat([torch.matmul(q, past_k.transpose(2, 3)),
+                        torch.matmul(q, key.transpose(2, 3))], dim=3) * scaling
+    scores = scores.reshape(1, kv, g, t, c + t) + attention_mask.reshape(1, 1, 1, t, c + t)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).reshape(1, kv, g * t, c + t)
+    out = torch.matmul(probs[..., :c], past_v) + torch.matmul(probs[..., c:], value)
+    # [1, h, T, d] -> [1, T, h, d], the layout transformers' attention functions return
+    return out.reshape(1, heads, t, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROW_ATTENTION, cached_rows_attention)
+
+
+def slot_buckets(kv_slots: int, chunk_tokens: int) -> list[int]:
+    """The slot-axis sizes the runtime runs at: the capacity and its halvings, down to four
+    chunks (64 slots for SmolLM2's 16-token chunks)."""
+    sizes = [kv_slots]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 4 * chunk_tokens:
+        sizes.append(sizes[-1] // 2)
+    return sorted(sizes)
 
 
 def layer_kinds(config: object) -> list[str]:
@@ -88,11 +134,17 @@ class DecoderLMGraph(nn.Module):
         attention_mask = torch.cat([attention_mask, own.view(1, 1, *own.shape).to(hidden.dtype)],
                                    dim=3)
         rope = base.rotary_emb(hidden, position_ids=position_ids)
-        for layer, kind in zip(base.layers, self.kinds):
-            # conv layers read a mask as 2-D padding flags: they get none (batch 1, no padding)
-            mask = attention_mask if kind == "attention" else None
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                           cache=cache, position_embeddings=rope)
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = ROW_ATTENTION  # for this pass only: parity runs eager
+        try:
+            for layer, kind in zip(base.layers, self.kinds):
+                # conv layers read a mask as 2-D padding flags: they get none (no padding)
+                mask = attention_mask if kind == "attention" else None
+                hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                               cache=cache, position_embeddings=rope, row_cache=cache)
+        finally:
+            config._attn_implementation = before
         norm = base.norm if hasattr(base, "norm") else base.embedding_norm  # lfm2's final norm
         logits = self.model.lm_head(norm(hidden))
         out: list[torch.Tensor] = []

@@ -14,7 +14,7 @@ import torch
 
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
-from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds
+from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds, slot_buckets
 from edgestream.export.onnx_export import OPSET, _DTYPES
 from edgestream.export.sources import ResolvedSource
 from edgestream.runtime.bundle import sha256_file
@@ -99,10 +99,12 @@ def _stop_tokens(parts: LMParts, pieces: dict[str, str]) -> list[int]:
     return sorted(stop)
 
 
-def _entry(name: str, path: Path, tokens: int) -> dict:
-    """A manifest graph entry for the shared file at token-axis size `tokens`."""
+def _entry(name: str, path: Path, tokens: int, slots: int) -> dict:
+    """A manifest graph entry for the shared file at token-axis size `tokens`; the symbolic slot
+    axis is declared at its capacity `slots` (extra.lm.kv_buckets lists the sizes it runs at)."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
+    token_axis = model.graph.input[0].type.tensor_type.shape.dim[1].dim_param  # input_ids
 
     def spec(values: Any) -> list[dict]:
         out = []
@@ -110,7 +112,8 @@ def _entry(name: str, path: Path, tokens: int) -> dict:
             if v.name in inits:
                 continue
             t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else tokens for d in t.shape.dim]
+            dims = [d.dim_value if d.HasField("dim_value") else
+                    tokens if d.dim_param == token_axis else slots for d in t.shape.dim]
             out.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": dims})
         return out
 
@@ -143,9 +146,10 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     states = [torch.zeros(*shape) for shape in shapes]
     args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
             torch.zeros(1, 1, k, c), *states)
-    tokens = torch.export.Dim.DYNAMIC
+    tokens, slots = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC  # graphs.py: slot_buckets
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens},
-               "attention_mask": {2: tokens}, "states": tuple(None for _ in states)}
+               "attention_mask": {2: tokens, 3: slots},
+               "states": tuple({2: slots} if n[0] in "kv" else None for n in names)}
     path = out / "lm.onnx"
     graph = DecoderLMGraph(parts.model).eval()
     with torch.no_grad():
@@ -174,12 +178,13 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         "schema_version": 1, "family": parts.family, "pipeline": "decoder_lm",
         "source": parts.source,
         "audio": {"sample_rate": 0, "chunk_samples": 0},  # no audio: a text model
-        "graphs": [_entry("step", path, 1), _entry("chunk", path, k)],
+        "graphs": [_entry("step", path, 1, c), _entry("chunk", path, k, c)],
         "states": states_m,
         "tokenizer": {"file": "tokenizer.json", "special": {"stop": stop[0]}},
         "decoding": {"max_tokens": c},
         "extra": {"lm": {
-            "kv_slots": c, "chunk_tokens": k, "vocab": cfg.vocab_size, "stop": stop,
+            "kv_slots": c, "kv_buckets": slot_buckets(c, k), "chunk_tokens": k,
+            "vocab": cfg.vocab_size, "stop": stop,
             "pad": int(pad if pad is not None else stop[0]),
             # RoPE positions are absolute: past the trained range a conversation starts anew
             "max_position": int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20),
