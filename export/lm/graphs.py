@@ -241,10 +241,56 @@ def fuse_norms(model: onnx.ModelProto) -> int:
     return fused
 
 
-def fuse_norms_in_file(path: Path) -> int:
-    """`fuse_norms` on an exported graph file, in place."""
+def pack_parallel_matmuls(model: onnx.ModelProto) -> int:
+    """MatMuls that read one activation with constant 2-D weights (q, k and v; gate and up)
+    become one MatMul over the weights joined along N, then a Split: one weight-streaming
+    kernel instead of three (the later MatMulNBits quantizes per column block along K, so the
+    joined weight quantizes to the same numbers). Returns the number of groups packed."""
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    groups: dict[str, list] = {}
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            groups.setdefault(n.input[0], []).append(n)
+    replaced: dict[int, list] = {}
+    drop: set[int] = set()
+    packed = 0
+    for source, nodes in groups.items():
+        if len(nodes) < 2 or len({inits[n.input[1]].dims[0] for n in nodes}) != 1:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        name = f"{nodes[0].name or nodes[0].output[0]}_packed"
+        g.initializer.append(numpy_helper.from_array(
+            np.concatenate(weights, axis=1), f"{name}_weight"))
+        g.initializer.append(numpy_helper.from_array(
+            np.array([w.shape[1] for w in weights], "int64"), f"{name}_sizes"))
+        first = min(nodes, key=lambda n: list(g.node).index(n))
+        replaced[id(first)] = [
+            helper.make_node("MatMul", [source, f"{name}_weight"], [f"{name}_out"], name=name),
+            helper.make_node("Split", [f"{name}_out", f"{name}_sizes"],
+                             [n.output[0] for n in nodes], axis=-1, name=f"{name}_split")]
+        drop.update(id(n) for n in nodes)
+        packed += 1
+    if packed:
+        kept = []
+        for n in g.node:
+            kept += replaced.get(id(n), []) if id(n) in drop else [n]
+        del g.node[:]
+        g.node.extend(kept)
+        used = {i for n in g.node for i in n.input}
+        unused = [i for i in g.initializer if i.name not in used]
+        for i in unused:
+            g.initializer.remove(i)
+    return packed
+
+
+def optimize_graph_file(path: Path) -> dict[str, int]:
+    """The graph passes above on an exported graph file, in place."""
     model = onnx.load(str(path))
-    fused = fuse_norms(model)
-    if fused:
-        onnx.save(model, str(path))
-    return fused
+    done = {"norms_fused": fuse_norms(model), "matmuls_packed": pack_parallel_matmuls(model)}
+    onnx.save(model, str(path))
+    return done

@@ -14,7 +14,7 @@ import torch
 
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
-from edgestream.export.lm.graphs import (DecoderLMGraph, fuse_norms_in_file, layer_kinds,
+from edgestream.export.lm.graphs import (DecoderLMGraph, layer_kinds, optimize_graph_file,
                                          slot_buckets)
 from edgestream.export.onnx_export import OPSET, _DTYPES
 from edgestream.export.sources import ResolvedSource
@@ -166,7 +166,7 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         except Exception as e:  # the exporter raises many internal types
             raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
     onnx_program.save(str(path), external_data=False)
-    log.info("LM graph: %d RMSNorms fused", fuse_norms_in_file(path))
+    log.info("LM graph passes: %s", optimize_graph_file(path))
     (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
     stop = _stop_tokens(parts, pieces)
     pad = parts.tokenizer.pad_token_id
