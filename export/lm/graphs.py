@@ -288,9 +288,99 @@ def pack_parallel_matmuls(model: onnx.ModelProto) -> int:
     return packed
 
 
-def optimize_graph_file(path: Path) -> dict[str, int]:
+MAX_ROPE_CACHE = 1 << 16  # positions; a longer model keeps the traced RoPE (no large table)
+
+
+def fuse_rope(model: onnx.ModelProto, max_position: int) -> int:
+    """Replace the traced rotate-half RoPE of q and k (Mul by cos, two Slices, Neg, Concat, Mul
+    by sin, Add: seven kernels per tensor per layer) by onnxruntime's RotaryEmbedding over
+    cos/sin tables of every position the model takes. Only the exact pattern with a full
+    rotary dimension and cos/sin computed from `position_ids` and `inv_freq` is fused."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if max_position > MAX_ROPE_CACHE:
+        return 0
+    g = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def op(name: str, kind: str):  # type: ignore[no-untyped-def]
+        n = producer.get(name)
+        return n if n is not None and n.op_type == kind else None
+
+    def table(unsq: onnx.NodeProto | None, kind: str):  # type: ignore[no-untyped-def]
+        """inv_freq behind Unsqueeze(Cos|Sin(Concat(f, f)), f = Mul(Cast(Unsqueeze(ids)), inv))"""
+        trig = unsq is not None and op(unsq.input[0], kind)
+        cat = trig and op(trig.input[0], "Concat")
+        if not cat or len(cat.input) != 2 or cat.input[0] != cat.input[1]:
+            return None
+        mul = op(cat.input[0], "Mul")
+        cast = mul and op(mul.input[0], "Cast")
+        ids = cast and op(cast.input[0], "Unsqueeze")
+        if not ids or ids.input[0] != "position_ids" or mul.input[1] not in consts:
+            return None
+        return mul.input[1]
+
+    fused, drop, new_nodes, caches = 0, set(), {}, {}
+    for add in g.node:
+        if add.op_type != "Add":
+            continue
+        m1, m2 = op(add.input[0], "Mul"), op(add.input[1], "Mul")
+        if not m1 or not m2:
+            continue
+        cat = op(m2.input[0], "Concat")
+        neg = cat and op(cat.input[0], "Neg")
+        hi = neg and op(neg.input[0], "Slice")
+        lo = cat and len(cat.input) == 2 and op(cat.input[1], "Slice")
+        x = m1.input[0]
+        if not hi or not lo or hi.input[0] != x or lo.input[0] != x:
+            continue
+        inv_c = table(op(m1.input[1], "Unsqueeze"), "Cos")
+        inv_s = table(op(m2.input[1], "Unsqueeze"), "Sin")
+        n = consts[inv_c].size if inv_c else -1  # half the head size for a full rotary dim
+
+        def at(node: onnx.NodeProto, i: int) -> int | None:
+            c = consts.get(node.input[i]) if len(node.input) > i else None
+            return int(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
+
+        if inv_c is None or inv_c != inv_s or (at(lo, 1), at(lo, 2), at(hi, 1)) != (0, n, n) \
+                or at(lo, 3) not in (-1, 3) or at(hi, 3) not in (-1, 3):
+            continue
+        if inv_c not in caches:
+            freqs = np.arange(max_position, dtype=np.float32)[:, None] * \
+                consts[inv_c].astype(np.float32)[None, :]
+            caches[inv_c] = (f"{inv_c}_cos_cache", f"{inv_c}_sin_cache")
+            g.initializer.extend([numpy_helper.from_array(np.cos(freqs), caches[inv_c][0]),
+                                  numpy_helper.from_array(np.sin(freqs), caches[inv_c][1])])
+        new_nodes[id(add)] = helper.make_node(
+            "RotaryEmbedding", [x, "position_ids", *caches[inv_c]], [add.output[0]],
+            domain="com.microsoft", interleaved=0, name=f"{add.name or add.output[0]}_rope")
+        drop.update(id(n) for n in (m1, m2, cat, neg, hi, lo))
+        fused += 1
+    if fused:
+        kept = [new_nodes.get(id(n), n) for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+        used = {i for n in g.node for i in n.input}
+        dead = True
+        while dead:  # the traced cos/sin chains are left without users
+            dead = [n for n in g.node if n.output and all(o not in used for o in n.output)
+                    and not set(n.output) & {o.name for o in g.output}]
+            for n in dead:
+                g.node.remove(n)
+            used = {i for n in g.node for i in n.input}
+        for i in [i for i in g.initializer if i.name not in used]:
+            g.initializer.remove(i)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def optimize_graph_file(path: Path, max_position: int) -> dict[str, int]:
     """The graph passes above on an exported graph file, in place."""
     model = onnx.load(str(path))
-    done = {"norms_fused": fuse_norms(model), "matmuls_packed": pack_parallel_matmuls(model)}
+    done = {"norms_fused": fuse_norms(model), "matmuls_packed": pack_parallel_matmuls(model),
+            "ropes_fused": fuse_rope(model, max_position)}
     onnx.save(model, str(path))
     return done

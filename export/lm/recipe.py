@@ -166,7 +166,8 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         except Exception as e:  # the exporter raises many internal types
             raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
     onnx_program.save(str(path), external_data=False)
-    log.info("LM graph passes: %s", optimize_graph_file(path))
+    max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+    log.info("LM graph passes: %s", optimize_graph_file(path, max_position))
     (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
     stop = _stop_tokens(parts, pieces)
     pad = parts.tokenizer.pad_token_id
@@ -189,7 +190,7 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
             "vocab": cfg.vocab_size, "stop": stop,
             "pad": int(pad if pad is not None else stop[0]),
             # RoPE positions are absolute: past the trained range a conversation starts anew
-            "max_position": int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20),
+            "max_position": max_position,
             "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"new_k_{i}",
                                   "new_v": f"new_v_{i}"}
                                  for i in range(layers) if kinds[i] == "attention"],

@@ -118,10 +118,14 @@ def genai_folder(model: Any, tok: Any, work: Path, precision: str) -> Path:
     return out
 
 
-def genai(folder: Path, ids: list[int]) -> Callable[[], float]:
+def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
 
     def run() -> float:
         params = og.GeneratorParams(model)
@@ -139,13 +143,13 @@ def genai(folder: Path, ids: list[int]) -> Callable[[], float]:
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
-def llamacpp(folder: Path, ids: list[int]) -> Callable[[], float]:
+def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
     from llama_cpp import Llama
 
     from edgestream.export.lm.recipe import SMOLLM2_GGUF
 
-    llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024, n_threads=os.cpu_count(),
-                verbose=False)
+    llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024,
+                n_threads=threads or os.cpu_count(), verbose=False)
 
     def run() -> float:
         llm.reset()
@@ -159,12 +163,13 @@ def llamacpp(folder: Path, ids: list[int]) -> Callable[[], float]:
     return run
 
 
-def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str]
+def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], threads: int = 0
             ) -> dict[str, Callable[[], float] | str]:
-    """Every engine's timed run, or why it is missing (reported, never hidden)."""
+    """Every engine's timed run, or why it is missing (reported, never hidden). `threads`: 0 =
+    each engine's default (all cores), else that many compute threads for every engine."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     model, tok, ids, folder = hf_model_and_ids()
     out: dict[str, Callable[[], float] | str] = {f"ours_{k}": ours(lm) for k, lm in lms.items()}
     out["transformers_eager_fp32"] = transformers_eager(model, ids)
@@ -174,14 +179,14 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str]
             out[name] = "not installed (pip install onnxruntime-genai)"
             continue
         try:
-            out[name] = genai(genai_folder(model, tok, work, p), ids)
+            out[name] = genai(genai_folder(model, tok, work, p), ids, threads)
         except Exception as e:  # the other engines' figures still stand
             out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     if importlib.util.find_spec("llama_cpp") is None:
         out["llama_cpp_q4_1"] = "not installed (pip install llama-cpp-python)"
     else:
         try:
-            out["llama_cpp_q4_1"] = llamacpp(folder, ids)
+            out["llama_cpp_q4_1"] = llamacpp(folder, ids, threads)
         except Exception as e:
             out["llama_cpp_q4_1"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return out
@@ -218,16 +223,21 @@ def main() -> None:
                     help="where onnxruntime-genai's model is built (kept between runs)")
     ap.add_argument("--genai", nargs="*", default=["int8"], help="genai precisions to build")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="compute threads of every engine (0: each one's default; the "
+                         "responder runs its LM on 1 thread beside the recognizer)")
     args = ap.parse_args()
     from edgestream.runtime.responder import load_lm
 
     lms = {}
     for path in [args.lm, *args.lm_extra]:
-        lm = load_lm(path, provider="cpu")
+        lm = load_lm(path, provider="cpu", threads=args.threads)
         lms[f"{lm.manifest.graphs[0].precision}"] = lm
-    print(f"# {os.cpu_count()} cores, load {load()}; bundles "
+    print(f"# {os.cpu_count()} cores, load {load()}, threads {args.threads or 'default'}; "
+          "bundles "
           f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
-    report = measure(engines(lms, args.work, args.genai), args.runs)
+    report = measure(engines(lms, args.work, args.genai, args.threads), args.runs)
+    report["threads"] = args.threads or "default"
     report["load_after"] = load()
     print(json.dumps(report, indent=2))
 
