@@ -5,7 +5,8 @@ Run: `.venv/bin/python tests/benchmarks/lm_decode.py --lm LM_BUNDLE [--lm-extra 
 
 Every engine gets the same chat prompt (system + user, rendered by the model's own template),
 reads it, and then decodes 64 greedy tokens one at a time; the figure is those 64 tokens over
-their wall time (the prompt is not on the clock). Engines:
+their wall time, and over the CPU time the process spent on them (the steadier figure when the
+machine is shared: waiting for a core is not counted); the prompt is not on the clock. Engines:
 - ours: each LM bundle given (the runtime's `LMEngine`, one token per step);
 - transformers eager, fp32, on the same weights (the GGUF dequantized);
 - onnxruntime-genai (the same engine's own LM runtime) on a model its builder makes from the
@@ -40,20 +41,32 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def clock() -> tuple[float, float]:
+    """Wall time and this process's CPU time (all its threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(t0: tuple[float, float]) -> tuple[float, float]:
+    """Tokens per wall second and per CPU second since `t0`. On a shared machine the second is
+    the steadier figure: time spent waiting for a core is not counted."""
+    t1 = clock()
+    return DECODE_TOKENS / (t1[0] - t0[0]), DECODE_TOKENS / (t1[1] - t0[1])
+
+
 # -- ours ---------------------------------------------------------------------------------------
-def ours(lm: Any) -> Callable[[], float]:
+def ours(lm: Any) -> Callable[[], tuple[float, float]]:
     from edgestream.export.lm.chat import render_conversation
     from edgestream.runtime.responder.engine import LMEngine
 
     ids = lm.encode(render_conversation(lm.spec.chat, SYSTEM, [], PROMPT))
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         engine = LMEngine(lm)
         logits = engine.feed(ids)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(DECODE_TOKENS):  # no stop token: always 64 steps, like the others
             logits = engine.feed([int(np.argmax(logits))])
-        return DECODE_TOKENS / (time.perf_counter() - t0)
+        return rates(t0)
 
     return run
 
@@ -74,22 +87,23 @@ def hf_model_and_ids() -> tuple[Any, Any, list[int], Path]:
     return model, tok, list(ids), folder
 
 
-def transformers_eager(model: Any, ids: list[int]) -> Callable[[], float]:
+def transformers_eager(model: Any, ids: list[int]) -> Callable[[], tuple[float, float]]:
     import torch
 
     x = torch.tensor([ids])
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         # generate's time for 1 token (the prompt) subtracted from its time for 65
         with torch.no_grad():
-            t0 = time.perf_counter()
+            t0 = clock()
             model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False,
                            pad_token_id=2)
-            t1 = time.perf_counter()
+            t1 = clock()
             model.generate(x, max_new_tokens=DECODE_TOKENS + 1,
                            min_new_tokens=DECODE_TOKENS + 1, do_sample=False, pad_token_id=2)
-            t2 = time.perf_counter()
-        return DECODE_TOKENS / ((t2 - t1) - (t1 - t0))
+            t2 = clock()
+        w, c = ((b - a) - (a0 - z) for z, a0, a, b in zip(t0, t1, t1, t2))
+        return DECODE_TOKENS / w, DECODE_TOKENS / c
 
     return run
 
@@ -118,7 +132,7 @@ def genai_folder(model: Any, tok: Any, work: Path, precision: str) -> Path:
     return out
 
 
-def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
+def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[float, float]]:
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -127,23 +141,23 @@ def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
             "intra_op_num_threads": threads}}}}))
     model = og.Model(config)
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + DECODE_TOKENS + 8, do_sample=False,
                                   min_length=len(ids) + DECODE_TOKENS + 2)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         gen.generate_next_token()  # reads the prompt
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(DECODE_TOKENS):
             gen.generate_next_token()
-        return DECODE_TOKENS / (time.perf_counter() - t0)
+        return rates(t0)
 
     return run
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
-def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
+def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[float, float]]:
     from llama_cpp import Llama
 
     from edgestream.export.lm.recipe import SMOLLM2_GGUF
@@ -151,28 +165,30 @@ def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], float]:
     llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024,
                 n_threads=threads or os.cpu_count(), verbose=False)
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         llm.reset()
         llm.eval(ids)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(DECODE_TOKENS):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             llm.eval([tok])
-        return DECODE_TOKENS / (time.perf_counter() - t0)
+        return rates(t0)
 
     return run
 
 
-def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], threads: int = 0
-            ) -> dict[str, Callable[[], float] | str]:
+def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], threads: int = 0,
+            skip: tuple[str, ...] = ()) -> dict[str, Callable[[], tuple[float, float]] | str]:
     """Every engine's timed run, or why it is missing (reported, never hidden). `threads`: 0 =
     each engine's default (all cores), else that many compute threads for every engine."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model, tok, ids, folder = hf_model_and_ids()
-    out: dict[str, Callable[[], float] | str] = {f"ours_{k}": ours(lm) for k, lm in lms.items()}
-    out["transformers_eager_fp32"] = transformers_eager(model, ids)
+    out: dict[str, Callable[[], tuple[float, float]] | str] = {
+        f"ours_{k}": ours(lm) for k, lm in lms.items()}
+    out["transformers_eager_fp32"] = "skipped" if "transformers" in skip else \
+        transformers_eager(model, ids)
     for p in genai_precisions:
         name = f"onnxruntime_genai_{p}"
         if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -182,7 +198,9 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], thread
             out[name] = genai(genai_folder(model, tok, work, p), ids, threads)
         except Exception as e:  # the other engines' figures still stand
             out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-    if importlib.util.find_spec("llama_cpp") is None:
+    if "llama_cpp" in skip:
+        out["llama_cpp_q4_1"] = "skipped"
+    elif importlib.util.find_spec("llama_cpp") is None:
         out["llama_cpp_q4_1"] = "not installed (pip install llama-cpp-python)"
     else:
         try:
@@ -192,25 +210,30 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], thread
     return out
 
 
-def measure(runners: dict[str, Callable[[], float] | str], runs: int) -> dict:
+def measure(runners: dict[str, Callable[[], tuple[float, float]] | str], runs: int) -> dict:
     """Interleaved runs (one warm-up each first), medians, ratios of ours against each."""
     live = {k: f for k, f in runners.items() if callable(f)}
     for f in live.values():
         f()  # warm-up: first-run allocations and thread start are not decode speed
-    rates: dict[str, list[float]] = {k: [] for k in live}
+    wall: dict[str, list[float]] = {k: [] for k in live}
+    cpu: dict[str, list[float]] = {k: [] for k in live}
     loads = []
     for r in range(runs):
         loads.append(load())
         for k, f in live.items():
-            rates[k].append(round(f(), 2))
+            w, c = f()
+            wall[k].append(round(w, 2))
+            cpu[k].append(round(c, 2))
         print(json.dumps({"run": r + 1, "load": loads[-1],
-                          **{k: v[-1] for k, v in rates.items()}}), flush=True)
-    out: dict = {"tokens": DECODE_TOKENS, "runs": runs, "load_per_run": loads,
-                 "tokens_per_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
-                 "missing": {k: v for k, v in runners.items() if not callable(v)}}
+                          **{k: [wall[k][-1], cpu[k][-1]] for k in live}}), flush=True)
+    out: dict = {"tokens": DECODE_TOKENS, "runs": runs, "load_per_run": loads}
     ours_keys = [k for k in live if k.startswith("ours_")]
-    out["ratios"] = {f"{o}_over_{b}": round(out["tokens_per_s"][o] / out["tokens_per_s"][b], 2)
-                     for o in ours_keys for b in live if not b.startswith("ours_")}
+    for label, values in (("wall", wall), ("cpu", cpu)):
+        med = {k: round(statistics.median(v), 2) for k, v in values.items()}
+        out[f"tokens_per_{label}_s"] = med
+        out[f"ratios_{label}"] = {f"{o}_over_{b}": round(med[o] / med[b], 2)
+                                  for o in ours_keys for b in live if not b.startswith("ours_")}
+    out["missing"] = {k: v for k, v in runners.items() if not callable(v)}
     return out
 
 
@@ -226,6 +249,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="compute threads of every engine (0: each one's default; the "
                          "responder runs its LM on 1 thread beside the recognizer)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llama_cpp"],
+                    help="engines left out (reported as skipped)")
     args = ap.parse_args()
     from edgestream.runtime.responder import load_lm
 
@@ -236,7 +261,8 @@ def main() -> None:
     print(f"# {os.cpu_count()} cores, load {load()}, threads {args.threads or 'default'}; "
           "bundles "
           f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
-    report = measure(engines(lms, args.work, args.genai, args.threads), args.runs)
+    report = measure(engines(lms, args.work, args.genai, args.threads, tuple(args.skip)),
+                     args.runs)
     report["threads"] = args.threads or "default"
     report["load_after"] = load()
     print(json.dumps(report, indent=2))
