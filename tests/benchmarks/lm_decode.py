@@ -257,7 +257,8 @@ def main() -> None:
     lms = {}
     for path in [args.lm, *args.lm_extra]:
         lm = load_lm(path, provider="cpu", threads=args.threads)
-        lms[f"{lm.manifest.graphs[0].precision}"] = lm
+        name = lm.manifest.graphs[0].precision
+        lms[name if name not in lms else f"{name}_{path.name}"] = lm
     print(f"# {os.cpu_count()} cores, load {load()}, threads {args.threads or 'default'}; "
           "bundles "
           f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
