@@ -15,7 +15,8 @@ import torch
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
 from edgestream.export.lm.families import HYBRID_FAMILIES, HybridLMGraph, prepare_hybrid
-from edgestream.export.lm.graphs import DecoderLMGraph, layer_kinds
+from edgestream.export.lm.graphs import (DecoderLMGraph, layer_kinds, optimize_graph_file,
+                                         slot_buckets)
 from edgestream.export.onnx_export import OPSET, _DTYPES
 from edgestream.export.sources import ResolvedSource
 from edgestream.runtime.bundle import sha256_file
@@ -101,10 +102,12 @@ def _stop_tokens(parts: LMParts, pieces: dict[str, str]) -> list[int]:
     return sorted(stop)
 
 
-def _entry(name: str, path: Path, tokens: int) -> dict:
-    """A manifest graph entry for the shared file at token-axis size `tokens`."""
+def _entry(name: str, path: Path, tokens: int, slots: int) -> dict:
+    """A manifest graph entry for the shared file at token-axis size `tokens`; the symbolic slot
+    axis is declared at its capacity `slots` (extra.lm.kv_buckets lists the sizes it runs at)."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
+    token_axis = model.graph.input[0].type.tensor_type.shape.dim[1].dim_param  # input_ids
 
     def spec(values: Any) -> list[dict]:
         out = []
@@ -112,7 +115,8 @@ def _entry(name: str, path: Path, tokens: int) -> dict:
             if v.name in inits:
                 continue
             t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else tokens for d in t.shape.dim]
+            dims = [d.dim_value if d.HasField("dim_value") else
+                    tokens if d.dim_param == token_axis else slots for d in t.shape.dim]
             out.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": dims})
         return out
 
@@ -154,9 +158,10 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     states = [torch.zeros(*shape) for shape in shapes]
     args = (torch.zeros(1, k, dtype=torch.long), torch.arange(k)[None],
             torch.zeros(1, 1, k, c), *states)
-    tokens = torch.export.Dim.DYNAMIC
+    tokens, slots = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC  # graphs.py: slot_buckets
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens},
-               "attention_mask": {2: tokens}, "states": tuple(None for _ in states)}
+               "attention_mask": {2: tokens, 3: slots},
+               "states": tuple({2: slots} if n[0] in "kv" else None for n in names)}
     path = out / "lm.onnx"
     graph = DecoderLMGraph(parts.model).eval()
     if hybrid:
@@ -174,6 +179,8 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         except Exception as e:  # the exporter raises many internal types
             raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
     onnx_program.save(str(path), external_data=False)
+    max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+    log.info("LM graph passes: %s", optimize_graph_file(path, max_position))
     (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
     stop = _stop_tokens(parts, pieces)
     pad = parts.tokenizer.pad_token_id
@@ -187,15 +194,16 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         "schema_version": 1, "family": parts.family, "pipeline": "decoder_lm",
         "source": parts.source,
         "audio": {"sample_rate": 0, "chunk_samples": 0},  # no audio: a text model
-        "graphs": [_entry("step", path, 1), _entry("chunk", path, k)],
+        "graphs": [_entry("step", path, 1, c), _entry("chunk", path, k, c)],
         "states": states_m,
         "tokenizer": {"file": "tokenizer.json", "special": {"stop": stop[0]}},
         "decoding": {"max_tokens": c},
         "extra": {"lm": {
-            "kv_slots": c, "chunk_tokens": k, "vocab": cfg.vocab_size, "stop": stop,
+            "kv_slots": c, "kv_buckets": slot_buckets(c, k), "chunk_tokens": k,
+            "vocab": cfg.vocab_size, "stop": stop,
             "pad": int(pad if pad is not None else stop[0]),
             # RoPE positions are absolute: past the trained range a conversation starts anew
-            "max_position": int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20),
+            "max_position": max_position,
             "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"new_k_{i}",
                                   "new_v": f"new_v_{i}"}
                                  for i in range(layers) if kinds[i] == "attention"],

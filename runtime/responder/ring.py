@@ -9,6 +9,11 @@ than the window keeps running with its system prompt in view. `window` = R + 1 -
 
 `slot_pos` (absolute position per slot, -1 empty) is the only bookkeeping; the additive mask the
 graph takes is built from it. RoPE is applied before rows are cached, so slot order is irrelevant.
+
+The buffers hold only as many slots as the conversation has reached, rounded up to one of the
+bundle's `kv_buckets` (the graph's slot axis is symbolic): slots fill in order until the ring
+wraps, so an early turn attends over 64 or 128 slots instead of the full capacity, and the
+buffers grow (one copy) when a write needs a slot past their size.
 """
 
 from __future__ import annotations
@@ -27,12 +32,34 @@ class RingKV:
     def __init__(self, spec: LMSpec, pinned: int = 0, margin: int = 0) -> None:
         self.spec = spec
         self.slots = spec.kv_slots
+        self.buckets = spec.kv_buckets or (spec.kv_slots,)
         self.buffers: dict[str, np.ndarray] = {}
-        for k, v, _, _ in spec.kv:
-            self.buffers[k] = np.zeros(spec.kv_shape, np.float32)
-            self.buffers[v] = np.zeros(spec.kv_shape, np.float32)
+        self._allocate(self.buckets[0])
         self.slot_pos = np.full(self.slots, -1, np.int64)
         self.configure(pinned, margin)
+
+    @property
+    def size(self) -> int:
+        """Slots the buffers hold now (the size of the graph's slot axis for the next pass)."""
+        return self._size
+
+    def _allocate(self, size: int) -> None:
+        """Buffers of `size` slots, keeping the rows of the old ones."""
+        shape = list(self.spec.kv_shape)
+        shape[2] = size
+        for k, v, _, _ in self.spec.kv:
+            for name in (k, v):
+                new = np.zeros(shape, np.float32)
+                old = self.buffers.get(name)
+                if old is not None:
+                    n = min(size, old.shape[2])
+                    new[:, :, :n] = old[:, :, :n]
+                self.buffers[name] = new
+        self._size = size
+
+    def _fit(self, last_slot: int) -> None:
+        if last_slot >= self._size:
+            self._allocate(next(b for b in self.buckets if b > last_slot))
 
     def configure(self, pinned: int, margin: int) -> None:
         ring = self.slots - pinned
@@ -51,6 +78,8 @@ class RingKV:
 
     def reset(self) -> None:
         self.slot_pos[:] = -1  # rows of empty slots are masked; no need to clear them
+        if self._size != self.buckets[0]:
+            self._allocate(self.buckets[0])
 
     def slot_of(self, positions: np.ndarray) -> np.ndarray:
         ring = self.slots - self.pinned
@@ -59,7 +88,7 @@ class RingKV:
 
     def mask(self, positions: np.ndarray) -> np.ndarray:
         """Additive mask `[1, 1, T, C]` over the cached slots for a pass at `positions`."""
-        k = self.slot_pos[None, :]
+        k = self.slot_pos[None, :self._size]
         q = positions[:, None]
         ok = (k >= 0) & (k < positions[0]) & ((k < self.pinned) | (k > q - self.window))
         return np.where(ok, 0.0, NEG).astype(np.float32)[None, None]
@@ -73,9 +102,17 @@ class RingKV:
         keep = np.arange(max(0, n - (self.slots - self.pinned)), n)  # a pass longer than the ring
         keep = np.union1d(keep, np.flatnonzero(positions < self.pinned))
         slots = self.slot_of(positions[keep])
+        self._fit(int(slots.max()))
+        # consecutive slots from consecutive rows (every step, and chunks that do not wrap):
+        # plain slices, no index arrays
+        if slots[-1] - slots[0] == keep[-1] - keep[0] == keep.size - 1:
+            at, rows = slice(int(slots[0]), int(slots[-1]) + 1), slice(int(keep[0]),
+                                                                        int(keep[-1]) + 1)
+        else:
+            at, rows = slots, keep
         for k, v, nk, nv in self.spec.kv:
-            self.buffers[k][:, :, slots, :] = outputs[nk][:, :, keep, :]
-            self.buffers[v][:, :, slots, :] = outputs[nv][:, :, keep, :]
+            self.buffers[k][:, :, at, :] = outputs[nk][:, :, rows, :]
+            self.buffers[v][:, :, at, :] = outputs[nv][:, :, rows, :]
         self.slot_pos[slots] = positions[keep]
 
     def truncate(self, position: int) -> bool:

@@ -29,6 +29,9 @@ class LMSpec:
     max_position: int
     # (input, output, shape) of small states replaced every pass (LFM2's conv carries)
     recurrent: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    # slot-axis sizes the graph runs at, ascending, the last = kv_slots (a bundle whose slot
+    # axis is static has only kv_slots)
+    kv_buckets: tuple[int, ...] = ()
 
 
 def _int(obj: dict[str, Any], key: str, low: int = 1) -> int:
@@ -37,6 +40,16 @@ def _int(obj: dict[str, Any], key: str, low: int = 1) -> int:
         raise BundleError(f"{MANIFEST_NAME}: extra.lm.{key} must be a whole number >= {low}, "
                           f"got {value!r}; re-export the bundle")
     return value
+
+
+def _buckets(lm: dict[str, Any], where: str) -> tuple[int, ...]:
+    slots = _int(lm, "kv_slots", 2)
+    sizes = lm.get("kv_buckets", [slots])
+    if not isinstance(sizes, list) or not sizes or sizes != sorted(set(sizes)) or \
+            sizes[-1] != slots or not all(isinstance(n, int) and n > 0 for n in sizes):
+        raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_buckets must list ascending "
+                          f"slot counts ending at kv_slots ({slots}), got {sizes!r}; re-export")
+    return tuple(sizes)
 
 
 def parse_lm_spec(manifest: Manifest, where: str) -> LMSpec:
@@ -84,7 +97,8 @@ def parse_lm_spec(manifest: Manifest, where: str) -> LMSpec:
     spec = LMSpec(kv_slots=_int(lm, "kv_slots", 2), chunk_tokens=_int(lm, "chunk_tokens", 2),
                   kv=tuple(kv), kv_shape=shape, vocab=_int(lm, "vocab"), stop=tuple(stop),
                   pad=_int(lm, "pad", 0), chat={p: chat[p] for p in CHAT_PIECES},
-                  max_position=_int(lm, "max_position"), recurrent=tuple(recurrent))
+                  max_position=_int(lm, "max_position"), recurrent=tuple(recurrent),
+                  kv_buckets=_buckets(lm, where))
     if shape[2] != spec.kv_slots or manifest.graph("chunk").input("input_ids").shape[1] != \
             spec.chunk_tokens:
         raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_slots/chunk_tokens disagree "

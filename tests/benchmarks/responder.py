@@ -12,10 +12,8 @@ A. Compute between the endpoint decision and the first reply token shown, per tu
    sample (the recognizer's end of speech to final, endpoint wait included) to the first token.
 B. The recognizer does not suffer: the clips paced in real time through the recognizer alone and
    with the threaded responder beside it: step p95 and end of speech to final p50.
-C. Decode tokens per second (64 greedy tokens after a chat prompt): our bundle(s), transformers
-   eager on the same weights (the GGUF dequantized), onnxruntime-genai (its builder, int8
-   MatMulNBits, block 32, accuracy level 4, i.e. our int8 recipe) and llama-cpp-python on the
-   original Q4_1 GGUF when it is installed.
+C. Decode tokens per second (64 greedy tokens after a chat prompt, median of at least 5
+   interleaved runs): tests/benchmarks/lm_decode.py, which also runs on its own.
 D. Memory: state bytes per conversation (LM ring KV) and per recognizer stream; resident memory
    (VmRSS, VmHWM) of the whole loop with Whisper tiny.en and the LM loaded after a run; against
    the Orin Nano profile's budget.
@@ -26,11 +24,9 @@ The machine this runs on has 2 cores shared with other work: figures are noisy (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -44,7 +40,6 @@ ROOT = HERE.parents[1]
 CLIPS = ("beckett", "arctic_a0007", "arctic_a0009", "two_cities")
 SYSTEM = "You are a friendly voice assistant. Answer in one or two short sentences."
 PROMPT = "Tell me something interesting about the ocean."
-DECODE_TOKENS = 64
 
 
 def load_clip(name: str) -> np.ndarray:
@@ -173,135 +168,11 @@ def section_b(asr: Any, lm: Any, runs: int) -> dict:
     return out
 
 
-# -- C. decode tokens per second ----------------------------------------------------------------
-def ours_decode(lm: Any) -> float:
-    from edgestream.export.lm.chat import render_conversation
-    from edgestream.runtime.responder.engine import LMEngine
-
-    engine = LMEngine(lm)
-    logits = engine.feed(lm.encode(render_conversation(lm.spec.chat, SYSTEM, [], PROMPT)))
-    t0 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        logits = engine.feed([int(np.argmax(logits))])
-    return DECODE_TOKENS / (time.perf_counter() - t0)
-
-
-def hf_model_and_ids() -> tuple[Any, list[int], Path]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgestream.export.lm.recipe import SMOLLM2_GGUF, builtin_lm_folder
-
-    folder = builtin_lm_folder("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF,
-                                                 attn_implementation="eager").eval()
-    ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                   {"role": "user", "content": PROMPT}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
-    return (model, tok), list(ids), folder
-
-
-def hf_decode(model: Any, ids: list[int]) -> float:
-    import torch
-
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=2)
-        t1 = time.perf_counter()
-        model.generate(x, max_new_tokens=DECODE_TOKENS + 1, min_new_tokens=DECODE_TOKENS + 1,
-                       do_sample=False, pad_token_id=2)
-        t2 = time.perf_counter()
-    return DECODE_TOKENS / ((t2 - t1) - (t1 - t0))
-
-
-def genai_folder(model_tok: Any, work: Path) -> Path | None:
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        return None
-    out = work / "genai-int8"
-    if (out / "genai_config.json").is_file():
-        return out
-    import subprocess
-
-    hf = work / "smollm2-hf"
-    if not (hf / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
-
-        model, tok = model_tok
-        # a model read from GGUF refuses save_pretrained: copy its (dequantized) weights into a
-        # plain one of the same config
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(hf)
-        tok.save_pretrained(hf)
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
-                    "-o", str(out), "-p", "int8", "-e", "cpu", "--extra_options",
-                    "block_size=32", "accuracy_level=4"], check=True,
-                   capture_output=True)
-    return out
-
-
-def genai_decode(folder: Path, ids: list[int]) -> float:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + DECODE_TOKENS + 8, do_sample=False,
-                              min_length=len(ids) + DECODE_TOKENS + 2)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    gen.generate_next_token()  # the prompt
-    t0 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        gen.generate_next_token()
-    return DECODE_TOKENS / (time.perf_counter() - t0)
-
-
-def llamacpp_decode(folder: Path, ids: list[int]) -> float | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    from llama_cpp import Llama
-
-    from edgestream.export.lm.recipe import SMOLLM2_GGUF
-
-    llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
-    llm.eval(ids)
-    t0 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([tok])
-    return DECODE_TOKENS / (time.perf_counter() - t0)
-
-
+# -- C. decode tokens per second: lm_decode.py (every engine, interleaved runs) -----------------
 def section_c(lms: dict[str, Any], runs: int, work: Path) -> dict:
-    import torch
+    from lm_decode import engines, measure
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model_tok, ids, folder = hf_model_and_ids()
-    out: dict = {}
-    for name, lm in lms.items():
-        out[f"ours_{name}"] = med([ours_decode(lm) for _ in range(runs)])
-    out["transformers_eager_fp32"] = med([hf_decode(model_tok[0], ids) for _ in range(runs)])
-    try:
-        g = genai_folder(model_tok, work)
-        out["onnxruntime_genai_int8"] = med([genai_decode(g, ids) for _ in range(runs)]) \
-            if g else "not installed"
-    except Exception as e:  # report, do not hide: the other figures still stand
-        out["onnxruntime_genai_int8"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-    try:
-        v = [llamacpp_decode(folder, ids) for _ in range(runs)]
-        out["llama_cpp_q4_1"] = med(v) if v[0] is not None else "not installed"
-    except Exception as e:
-        out["llama_cpp_q4_1"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-    best = max(v for k, v in out.items() if k.startswith("ours") and isinstance(v, float))
-    out["ours_over_transformers"] = round(best / out["transformers_eager_fp32"], 1)
-    if isinstance(out["onnxruntime_genai_int8"], float):
-        out["ours_int8_over_genai_int8"] = round(out.get("ours_int8", best) /
-                                                 out["onnxruntime_genai_int8"], 2)
-    return out
+    return measure(engines(lms, work, ["int8"]), max(runs, 5))
 
 
 # -- D. memory ----------------------------------------------------------------------------------

@@ -135,3 +135,36 @@ def test_lfm2_short_conv_export_and_rollback(tmp_path: Path) -> None:
     conv = [s for s in m["states"] if s["name"].startswith("conv_")]
     assert len(conv) == 2 and all(s["update"] == "replace" for s in conv)
     assert len(m["extra"]["lm"]["attention_layers"]) == 2
+
+
+def test_slot_axis_grows_in_buckets_with_the_same_logits(tiny_chat_bundle: Path) -> None:
+    """The slot axis is symbolic: an early conversation runs at a small bucket and the buffers
+    grow as it goes on; every logit equals the same run at the full static capacity."""
+    import dataclasses
+
+    import onnx
+
+    from edgestream.runtime.responder.engine import LMEngine
+    from edgestream.runtime.responder.lm import load_lm
+
+    m = json.loads((tiny_chat_bundle / "manifest.json").read_text())
+    assert m["extra"]["lm"]["kv_buckets"] == [32, 64, 128, 256]
+    graph = onnx.load(str(tiny_chat_bundle / "lm.onnx"), load_external_data=False).graph
+    k0 = next(i for i in graph.input if i.name == "k_0").type.tensor_type.shape.dim
+    assert k0[2].dim_param and not k0[2].HasField("dim_value")  # symbolic in the file
+    lm = load_lm(tiny_chat_bundle, provider="cpu")
+    full = dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, kv_buckets=(256,)))
+    ids = np.random.default_rng(5).integers(10, 49000, 150).tolist()
+    grown, static = LMEngine(lm, pinned=4), LMEngine(full, pinned=4)
+    sizes, diffs = [], []
+    for i in range(0, 100, 10):  # prefill in pieces, then single steps
+        diffs.append(np.abs(grown.feed(ids[i:i + 10], all_logits=True) -
+                            static.feed(ids[i:i + 10], all_logits=True)).max())
+        sizes.append(grown.kv.size)
+    for t in ids[100:]:
+        diffs.append(np.abs(grown.feed([t]) - static.feed([t])).max())
+    assert sizes[0] == 32 and sizes[3] == 64 and sizes[-1] == 128 and grown.kv.size == 256
+    assert static.kv.size == 256 and max(diffs) < 1e-4
+    # a rollback after growth keeps the grown buffers and stays exact
+    assert grown.rollback(120) and static.rollback(120)
+    np.testing.assert_allclose(grown.feed(ids[120:130]), static.feed(ids[120:130]), atol=1e-4)
