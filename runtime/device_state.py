@@ -88,10 +88,12 @@ class CudaRowWriter:
 
     def __init__(self, device_id: int) -> None:
         self.cudart = _load_cudart()
+        self.cudart.cudaMemcpy2D.restype = ctypes.c_int
         self.device_id = device_id
 
     def copy_rows(self, dst: Any, dst_shape: Sequence[int], src: Any, src_shape: Sequence[int],
                   dtype: str, axis: int, src_start: int, rows: int, dst_pos: int) -> None:
+        self.cudart.cudaSetDevice(ctypes.c_int(self.device_id))  # per thread: streams may move
         item = np.dtype(dtype).itemsize
         outer = int(np.prod(dst_shape[:axis]))
         inner = int(np.prod(dst_shape[axis + 1:])) * item

@@ -5,6 +5,11 @@
 - `decoder`: one token at `position` plus per-layer self-attention K/V `[1, heads, T_max, head_dim]`
   -> logits `[1, vocab]` and only the new K/V row, which the runtime writes into its buffer at
   `position`.
+- greedy head (bundles since issue 8): the decoder also returns `choice` and `choice_logprob`
+  `[1, T, 2]`, the greedy choice of every token row under the fixed suppression rules without
+  timestamps (column 0) and with the begin suppression too (column 1), with its log-probability,
+  so a device step sends 2 numbers per token across the bus instead of the logits (which remain
+  an output: for timestamp decodes, sampling and parity checks).
 - `decoder_block` (optional): the same step over K tokens at positions `position .. position+K-1`
   -> logits `[1, K, vocab]` and the K new rows `[1, heads, K, head_dim]` (written at `position`).
   Token j attends the cached rows before `position` and block rows 0..j, so one pass
@@ -18,9 +23,14 @@ cache bookkeeping (DESIGN.md section 2). Parity against the transformers forward
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration
+
+
+GREEDY_HEAD = True  # export the greedy head (False: the logits-only decoder of older bundles)
 
 
 class WhisperEncoderGraph(nn.Module):
@@ -58,9 +68,24 @@ class WhisperDecoderStep(nn.Module):
     meaningless but finite, and the runtime never uses them (a block may overhang the cache end).
     """
 
-    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+    def __init__(self, model: WhisperForConditionalGeneration, suppress: Sequence[int] = (),
+                 suppress_at_begin: Sequence[int] = (), timestamp_begin: int = 0,
+                 greedy_head: bool | None = None) -> None:
         super().__init__()
         dec = model.model.decoder
+        self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
+        vocab = model.proj_out.weight.shape[0]
+        # the greedy head's fixed rules (the generation config's suppression, and no timestamp
+        # tokens: the rules of a decode without timestamps), as small index lists: a vocab-sized
+        # mask would be a second vocabulary-sized tensor in the file
+        never = [t for t in suppress if 0 <= t < vocab]
+        self.register_buffer("never", torch.tensor(never or [-1], dtype=torch.long),
+                             persistent=False)
+        begin = [t for t in suppress_at_begin if 0 <= t < vocab]
+        self.register_buffer("begin", torch.tensor(begin or [-1], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("ids", torch.arange(vocab), persistent=False)
+        self.timestamp_begin = timestamp_begin if 0 < timestamp_begin < vocab else vocab
         self.dec = dec
         self.heads = model.config.decoder_attention_heads
         self.embed_scale = float(dec.embed_scale)
@@ -117,4 +142,28 @@ class WhisperDecoderStep(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
             new_rows += [k_new, v_new]
-        return (self.proj(self.dec.layer_norm(x)), *new_rows)
+        logits = self.proj(self.dec.layer_norm(x))
+        if not self.greedy_head:
+            return (logits, *new_rows)
+        return (logits, *greedy_choices(logits, self._masks()), *new_rows)
+
+    def _masks(self) -> torch.Tensor:
+        """[2, vocab] True where a token may not be chosen: the fixed rules, and those plus the
+        begin suppression (the first token after the prompt)."""
+        fixed = (self.ids.view(-1, 1) == self.never.view(1, -1)).any(-1) | \
+            (self.ids >= self.timestamp_begin)
+        first = fixed | (self.ids.view(-1, 1) == self.begin.view(1, -1)).any(-1)
+        return torch.stack([fixed, first])
+
+
+def greedy_choices(logits: torch.Tensor, masks: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy head: for every token row and every rule set (`masks` [R, vocab], True =
+    suppressed) the chosen id `[1, T, R]` (int64; the first of equal maxima, as numpy's argmax)
+    and its log-probability under the rules `[1, T, R]`, so a step returns a few bytes instead
+    of the logits. All-suppressed rows give a non-finite log-probability: the runtime then
+    falls back to the logits."""
+    scores = torch.where(masks.unsqueeze(0).unsqueeze(0), float("-inf"), logits.unsqueeze(2))
+    choice = scores.argmax(-1)
+    logp = torch.log_softmax(scores, -1).gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return choice, logp

@@ -105,6 +105,8 @@ class WhisperEngine:
         self.timestamp_begin = sp.get("timestamp_begin", 0)
         self.no_timestamps = sp.get("no_timestamps", -1)
         self.vocab = self.decoder.spec.output("logits").shape[-1]
+        # bundles since issue 8: the decoder's greedy head returns the choice of each row
+        self.has_head = self.decoder.spec.output("choice") is not None
         self.t_max = m.decoding.max_tokens
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
@@ -173,6 +175,19 @@ class WhisperEngine:
                               position)
         return out.host("logits").reshape(-1, self.vocab)[0]
 
+    def step_choice(self, token: int, position: int, first: bool) -> tuple[int, float] | np.ndarray:
+        """One step through the greedy head: (id, log-probability) under the fixed rules without
+        timestamps (`first`: the begin suppression too); the logits when every token was
+        suppressed (the caller's rules then decide)."""
+        out = self.states.run("decoder", {"tokens": np.array([[token]], dtype=np.int64),
+                                          "position": np.array([position], dtype=np.int64)},
+                              position)
+        column = int(first)
+        logp = float(out.host("choice_logprob")[0, 0, column])
+        if not np.isfinite(logp):
+            return out.host("logits").reshape(-1, self.vocab)[0]
+        return int(out.host("choice")[0, 0, column]), logp
+
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
         out = self.states.run(self.block_graph, {"tokens": np.array([tokens], dtype=np.int64),
                                                  "position": np.array([position], dtype=np.int64)},
@@ -234,9 +249,15 @@ class WhisperEngine:
                 return guard.runaway(generated)
             return repeats_too_often(generated, max_repeats)
 
+        head = None
+        if self.has_head and not timestamps and rng is None and not keep_logits:
+            def head(token: int, position: int, generated: list[int]
+                     ) -> tuple[int, float] | np.ndarray:
+                return self.step_choice(token, position, not generated and not forced)
+
         out = greedy_decode(self, prefix, choose, self.eot, limit, stop, hint=hint,
                             probe=len(context) if self.no_speech >= 0 else None,
-                            keep_logits=keep_logits)
+                            keep_logits=keep_logits, head=head)
         if out.looped and guard is not None:
             # drop the runaway segment (from its opening timestamp), keep every word before it
             keep = guard.segment_start(list(out.tokens))

@@ -1,0 +1,223 @@
+"""Whisper decoder-step ladder, side by side in one run (issue 8): what each execution level of the
+runtime costs per one-token decoder step, against transformers eager on the same device.
+
+Rows (median ms per step over `--steps` steps, after `--warmup` steps; ratio to eager):
+  transformers eager            torch, KV cache, on CUDA when torch has it, else the CPU
+  ort cpu, numpy feeds          the host path on the CPU provider (always: the CPU baseline)
+  ort cpu, bound state          device-state path (IO binding) on the CPU provider
+  ort cuda, numpy feeds         every K/V buffer uploaded per step, logits copied back
+  ort cuda, bound state         state resident on the GPU, IO binding
+  ort cuda, bound + greedy head only the chosen id and its log-probability leave the GPU
+  ort cuda, bound + cuda graph  + the step replayed as a captured CUDA graph
+  ort cuda fp16, bound + graph  + fp16 weights and compute (inputs/outputs stay fp32)
+A row that cannot run here says why (e.g. no CUDAExecutionProvider) instead of a number.
+
+Weights: random at Whisper tiny.en's published shape (d_model 384, 4+4 layers, 6 heads, vocab
+51864, 448 positions; `--model base` for base.en's shape), built on this machine: no download,
+nothing to transfer. A synthetic tokenizer carries the tiny.en special-token ids. `--bundle DIR`
+uses an exported bundle instead (e.g. real weights from `edgestream export
+builtin:whisper-tiny.en`). Agreement: the bound paths' logits are compared with the CPU host
+path's on the same step (fp32: within 1e-3 relative; printed).
+
+    .venv/bin/python tests/benchmarks/gpu_steps.py [--steps 200] [--bundle DIR] [--model tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SHAPES = {"tiny": dict(d_model=384, layers=4, heads=6, ffn=1536),
+          "base": dict(d_model=512, layers=6, heads=8, ffn=2048)}
+# tiny.en / base.en special-token ids (English-only vocabulary, 51864 tokens)
+SPECIALS = {"<|endoftext|>": 50256, "<|startoftranscript|>": 50257, "<|translate|>": 50357,
+            "<|transcribe|>": 50358, "<|startoflm|>": 50359, "<|startofprev|>": 50360,
+            "<|nocaptions|>": 50361, "<|notimestamps|>": 50362}
+VOCAB = 51864
+
+
+def build_bundle(model: str, out: Path, fp16: bool = False) -> Path:
+    """A whisper bundle of random weights at the published shape (export side: torch)."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    from edgestream.export.whisper.recipe import WhisperParts, export_whisper_graphs
+
+    s = SHAPES[model]
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=s["d_model"], encoder_layers=s["layers"],
+                        decoder_layers=s["layers"], encoder_attention_heads=s["heads"],
+                        decoder_attention_heads=s["heads"], encoder_ffn_dim=s["ffn"],
+                        decoder_ffn_dim=s["ffn"], max_target_positions=448,
+                        decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256,
+                        bos_token_id=50256)
+    net = WhisperForConditionalGeneration(cfg).eval()
+    net.generation_config = GenerationConfig(decoder_start_token_id=50257, eos_token_id=50256,
+                                             suppress_tokens=[1, 2, 7],
+                                             begin_suppress_tokens=[220, 50256])
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    for text, i in SPECIALS.items():
+        vocab.pop(f"t{i}")
+        vocab[text] = i
+    tokenizer_json = Tokenizer(models.WordLevel(vocab, unk_token="t0")).to_str()
+    special = {"sot": 50257, "eot": 50256, "no_timestamps": 50362, "timestamp_begin": 50363,
+               "sot_prev": 50360, "transcribe": 50358, "translate": 50357}
+    parts = WhisperParts(net, tokenizer_json, special, (50257, 50362), (1, 2, 7), (220, 50256),
+                         {"id": f"random:whisper-{model}.en-shape", "kind": "random"}, {})
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = export_whisper_graphs(parts, out)
+    if fp16:
+        from edgestream.export.quantize import quantize_file, refresh_entry
+
+        for entry in manifest["graphs"]:
+            quantize_file(out / entry["file"], "fp16")
+            refresh_entry(entry, out)
+            entry["precision"] = "fp16"
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def median_ms(step: Callable[[int], Any], warmup: int, steps: int, start: int = 16) -> float:
+    for i in range(warmup):
+        step(start + i % 64)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(start + i % 64)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def eager_row(bundle_model: str, warmup: int, steps: int) -> tuple[str, float | str]:
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache, WhisperConfig
+    from transformers import WhisperForConditionalGeneration
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = SHAPES[bundle_model]
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=s["d_model"], encoder_layers=s["layers"],
+                        decoder_layers=s["layers"], encoder_attention_heads=s["heads"],
+                        decoder_attention_heads=s["heads"], encoder_ffn_dim=s["ffn"],
+                        decoder_ffn_dim=s["ffn"], max_target_positions=448)
+    torch.manual_seed(0)
+    net = WhisperForConditionalGeneration(cfg).eval().to(device)
+    enc = torch.randn(1, 1500, s["d_model"], device=device)
+    with torch.no_grad():
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = net(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([[50257] * 16],
+                  device=device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = torch.tensor([[50257]], device=device)
+
+        def step(_: int) -> None:
+            net(encoder_outputs=(enc,), decoder_input_ids=token, past_key_values=cache,
+                use_cache=True)
+            cache.self_attention_cache.crop(16)  # keep the step's length fixed
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return f"transformers eager ({device})", median_ms(step, warmup, steps)
+
+
+def ort_row(bundle: Path, provider: str, execution: str, captured: int, head: bool,
+            warmup: int, steps: int) -> tuple[float, np.ndarray]:
+    from edgestream.runtime.bundle import Bundle
+    from edgestream.runtime.families.whisper.engine import WhisperEngine
+    from edgestream.runtime.session import SessionConfig
+
+    engine = WhisperEngine(Bundle.open(bundle, SessionConfig(provider, 0, {}, execution,
+                                                             captured)))
+    rng = np.random.default_rng(0)
+    engine.encode(rng.standard_normal(16000 * 5).astype(np.float32) * 0.1)
+    for pos in range(16):
+        engine.step(50257, pos)
+    if head and engine.has_head:
+        ms = median_ms(lambda pos: engine.step_choice(50257, pos, False), warmup, steps)
+    else:
+        ms = median_ms(lambda pos: engine.step(50257, pos), warmup, steps)
+    return ms, engine.step(50257, 16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--bundle", type=Path, help="an exported Whisper bundle instead of random "
+                                                "weights (its CPU/CUDA rows; no fp16 row)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available
+    print(f"onnxruntime {ort.__version__}, providers: {', '.join(available)}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-steps-"))
+    bundle = args.bundle or build_bundle(args.model, tmp / "fp32")
+    rows: list[tuple[str, Any]] = []
+    name, eager = eager_row(args.model, args.warmup, args.steps)
+    rows.append((name, eager))
+    base_ms, ref = ort_row(bundle, "cpu", "host", 0, False, args.warmup, args.steps)
+    rows.append(("ort cpu, numpy feeds", base_ms))
+    agreement = []
+
+    def run(label: str, bundle_dir: Path, provider: str, execution: str, captured: int,
+            head: bool = False) -> None:
+        try:
+            ms, logits = ort_row(bundle_dir, provider, execution, captured, head, args.warmup,
+                                 args.steps)
+        except Exception as e:  # a GPU row that fails says why; the others still run
+            rows.append((label, f"failed: {type(e).__name__}: {str(e)[:160]}"))
+            return
+        rows.append((label, ms))
+        rel = float(np.abs(logits - ref).max() / max(1e-9, float(np.abs(ref).max())))
+        agreement.append((label, rel, int(np.argmax(logits)) == int(np.argmax(ref))))
+
+    run("ort cpu, bound state", bundle, "cpu", "bound", 0)
+    run("ort cpu, bound + greedy head", bundle, "cpu", "bound", 0, head=True)
+    why = "skipped: this onnxruntime offers no CUDAExecutionProvider (install onnxruntime-gpu)"
+    fp16_bundle = None
+    why16 = why
+    if cuda and args.bundle is None:
+        try:
+            fp16_bundle = build_bundle(args.model, tmp / "fp16", fp16=True)
+        except Exception as e:
+            why16 = f"failed to build the fp16 bundle: {e}"
+    for label, bundle_dir, execution, captured, head in (
+            ("ort cuda, numpy feeds", bundle, "host", 0, False),
+            ("ort cuda, bound state", bundle, "bound", 0, False),
+            ("ort cuda, bound + greedy head", bundle, "bound", 0, True),
+            ("ort cuda, bound + cuda graph", bundle, "bound", 1, True),
+            ("ort cuda fp16, bound + graph", fp16_bundle, "bound", 1, True)):
+        if not cuda:
+            rows.append((label, why))
+        elif bundle_dir is None:
+            rows.append((label, "skipped: --bundle given" if args.bundle else why16))
+        else:
+            run(label, bundle_dir, "cuda", execution, captured, head)
+    eager_ms = eager if isinstance(eager, float) else None
+    print(f"\nWhisper {args.bundle or args.model + '.en-shaped random weights'}: decoder step "
+          f"at position 16..80, median of {args.steps} (after {args.warmup} warm-up steps)")
+    print(f"{'row':<34} {'ms/step':>9} {'x eager':>8} {'x ort cpu':>10}")
+    for label, value in rows:
+        if isinstance(value, float):
+            vs_eager = f"{eager_ms / value:7.2f}x" if eager_ms else ""
+            print(f"{label:<34} {value:>9.3f} {vs_eager:>8} {base_ms / value:>9.2f}x")
+        else:
+            print(f"{label:<34} {value}")
+    print("\nagreement with the CPU host path (same step): max |diff| / max |logit|, argmax")
+    for label, rel, same in agreement:
+        print(f"  {label:<34} {rel:.2e}  {'same' if same else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()
