@@ -19,7 +19,8 @@ uses an exported bundle instead (e.g. real weights from `edgestream export
 builtin:whisper-tiny.en`). Agreement: the bound paths' logits are compared with the CPU host
 path's on the same step (fp32: within 1e-3 relative; printed).
 
-    .venv/bin/python tests/benchmarks/gpu_steps.py [--steps 200] [--bundle DIR] [--model tiny]
+    .venv/bin/python tests/benchmarks/gpu_steps.py [--steps 200] [--rounds 5] [--bundle DIR]
+        [--model tiny|base] [--threads N]
 """
 
 from __future__ import annotations
@@ -86,24 +87,37 @@ def build_bundle(model: str, out: Path, fp16: bool = False) -> Path:
     return out
 
 
-def median_ms(step: Callable[[int], Any], warmup: int, steps: int, start: int = 16) -> float:
-    for i in range(warmup):
-        step(start + i % 64)
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        step(start + i % 64)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(times)
+Step = Callable[[int], Any]
 
 
-def eager_row(bundle_model: str, warmup: int, steps: int) -> tuple[str, float | str]:
+def timed_rounds(steps: dict[str, Step], warmup: int, total: int, rounds: int,
+                 start: int = 16) -> dict[str, float]:
+    """Median ms per step of every row, the rows interleaved in `rounds` (rotating their order)
+    so that machine load affects all alike."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for step in steps.values():
+        for i in range(warmup):
+            step(start + i % 64)
+    per_round = max(1, total // rounds)
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            step = steps[name]
+            for i in range(per_round):
+                t = time.perf_counter()
+                step(start + i % 64)
+                times[name].append((time.perf_counter() - t) * 1000.0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def eager_step(model: str) -> tuple[str, Step]:
+    """transformers eager one-token step with a KV cache of 16 rows, on CUDA when torch has it."""
     import torch
     from transformers import DynamicCache, EncoderDecoderCache, WhisperConfig
     from transformers import WhisperForConditionalGeneration
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = SHAPES[bundle_model]
+    s = SHAPES[model]
     cfg = WhisperConfig(vocab_size=VOCAB, d_model=s["d_model"], encoder_layers=s["layers"],
                         decoder_layers=s["layers"], encoder_attention_heads=s["heads"],
                         decoder_attention_heads=s["heads"], encoder_ffn_dim=s["ffn"],
@@ -115,36 +129,38 @@ def eager_row(bundle_model: str, warmup: int, steps: int) -> tuple[str, float | 
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         out = net(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([[50257] * 16],
                   device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        token = torch.tensor([[50257]], device=device)
+    cache = out.past_key_values
+    token = torch.tensor([[50257]], device=device)
 
-        def step(_: int) -> None:
+    def step(_: int) -> None:
+        with torch.no_grad():
             net(encoder_outputs=(enc,), decoder_input_ids=token, past_key_values=cache,
                 use_cache=True)
-            cache.self_attention_cache.crop(16)  # keep the step's length fixed
-            if device == "cuda":
-                torch.cuda.synchronize()
+        cache.self_attention_cache.crop(-1)  # drop the new row: every step is at 16
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-        return f"transformers eager ({device})", median_ms(step, warmup, steps)
+    return f"transformers eager ({device})", step
 
 
-def ort_row(bundle: Path, provider: str, execution: str, captured: int, head: bool,
-            warmup: int, steps: int) -> tuple[float, np.ndarray]:
+def ort_step(bundle: Path, provider: str, execution: str, captured: int, head: bool,
+             threads: int) -> tuple[Step, Callable[[], np.ndarray]]:
+    """A decoder step of the runtime's Whisper engine (and a probe for its logits)."""
     from edgestream.runtime.bundle import Bundle
     from edgestream.runtime.families.whisper.engine import WhisperEngine
     from edgestream.runtime.session import SessionConfig
 
-    engine = WhisperEngine(Bundle.open(bundle, SessionConfig(provider, 0, {}, execution,
+    engine = WhisperEngine(Bundle.open(bundle, SessionConfig(provider, threads, {}, execution,
                                                              captured)))
     rng = np.random.default_rng(0)
     engine.encode(rng.standard_normal(16000 * 5).astype(np.float32) * 0.1)
     for pos in range(16):
         engine.step(50257, pos)
-    if head and engine.has_head:
-        ms = median_ms(lambda pos: engine.step_choice(50257, pos, False), warmup, steps)
-    else:
-        ms = median_ms(lambda pos: engine.step(50257, pos), warmup, steps)
-    return ms, engine.step(50257, 16)
+    if head and not engine.has_head:
+        raise RuntimeError("this bundle has no greedy head (exported before issue 8)")
+    step: Step = (lambda pos: engine.step_choice(50257, pos, False)) if head else \
+        (lambda pos: engine.step(50257, pos))
+    return step, lambda: engine.step(50257, 16)
 
 
 def main() -> None:
@@ -152,70 +168,69 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--bundle", type=Path, help="an exported Whisper bundle instead of random "
                                                 "weights (its CPU/CUDA rows; no fp16 row)")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per row")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: default)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     cuda = "CUDAExecutionProvider" in available
-    print(f"onnxruntime {ort.__version__}, providers: {', '.join(available)}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    load_before = os.getloadavg()[0]
+    print(f"onnxruntime {ort.__version__}, providers: {', '.join(available)}")
     tmp = Path(tempfile.mkdtemp(prefix="gpu-steps-"))
     bundle = args.bundle or build_bundle(args.model, tmp / "fp32")
-    rows: list[tuple[str, Any]] = []
-    name, eager = eager_row(args.model, args.warmup, args.steps)
-    rows.append((name, eager))
-    base_ms, ref = ort_row(bundle, "cpu", "host", 0, False, args.warmup, args.steps)
-    rows.append(("ort cpu, numpy feeds", base_ms))
-    agreement = []
-
-    def run(label: str, bundle_dir: Path, provider: str, execution: str, captured: int,
-            head: bool = False) -> None:
-        try:
-            ms, logits = ort_row(bundle_dir, provider, execution, captured, head, args.warmup,
-                                 args.steps)
-        except Exception as e:  # a GPU row that fails says why; the others still run
-            rows.append((label, f"failed: {type(e).__name__}: {str(e)[:160]}"))
-            return
-        rows.append((label, ms))
-        rel = float(np.abs(logits - ref).max() / max(1e-9, float(np.abs(ref).max())))
-        agreement.append((label, rel, int(np.argmax(logits)) == int(np.argmax(ref))))
-
-    run("ort cpu, bound state", bundle, "cpu", "bound", 0)
-    run("ort cpu, bound + greedy head", bundle, "cpu", "bound", 0, head=True)
     why = "skipped: this onnxruntime offers no CUDAExecutionProvider (install onnxruntime-gpu)"
-    fp16_bundle = None
-    why16 = why
+    fp16_bundle, why16 = None, why
     if cuda and args.bundle is None:
         try:
             fp16_bundle = build_bundle(args.model, tmp / "fp16", fp16=True)
-        except Exception as e:
+        except Exception as e:  # the converter's own exception types
             why16 = f"failed to build the fp16 bundle: {e}"
-    for label, bundle_dir, execution, captured, head in (
-            ("ort cuda, numpy feeds", bundle, "host", 0, False),
-            ("ort cuda, bound state", bundle, "bound", 0, False),
-            ("ort cuda, bound + greedy head", bundle, "bound", 0, True),
-            ("ort cuda, bound + cuda graph", bundle, "bound", 1, True),
-            ("ort cuda fp16, bound + graph", fp16_bundle, "bound", 1, True)):
-        if not cuda:
-            rows.append((label, why))
+    plan = [("ort cpu, numpy feeds", bundle, "cpu", "host", 0, False),
+            ("ort cpu, bound state", bundle, "cpu", "bound", 0, False),
+            ("ort cpu, bound + greedy head", bundle, "cpu", "bound", 0, True),
+            ("ort cuda, numpy feeds", bundle, "cuda", "host", 0, False),
+            ("ort cuda, bound state", bundle, "cuda", "bound", 0, False),
+            ("ort cuda, bound + greedy head", bundle, "cuda", "bound", 0, True),
+            ("ort cuda, bound + cuda graph", bundle, "cuda", "bound", 1, True),
+            ("ort cuda fp16, bound + graph", fp16_bundle, "cuda", "bound", 1, True)]
+    steps: dict[str, Step] = {}
+    skipped: dict[str, str] = {}
+    probes: dict[str, Callable[[], np.ndarray]] = {}
+    eager_name, steps_eager = eager_step(args.model)
+    steps[eager_name] = steps_eager
+    for label, bundle_dir, provider, execution, captured, head in plan:
+        if provider == "cuda" and not cuda:
+            skipped[label] = why
         elif bundle_dir is None:
-            rows.append((label, "skipped: --bundle given" if args.bundle else why16))
+            skipped[label] = "skipped: --bundle given" if args.bundle else why16
         else:
-            run(label, bundle_dir, "cuda", execution, captured, head)
-    eager_ms = eager if isinstance(eager, float) else None
-    print(f"\nWhisper {args.bundle or args.model + '.en-shaped random weights'}: decoder step "
-          f"at position 16..80, median of {args.steps} (after {args.warmup} warm-up steps)")
+            try:
+                steps[label], probes[label] = ort_step(bundle_dir, provider, execution,
+                                                       captured, head, args.threads)
+            except Exception as e:  # a GPU row that fails says why; the others still run
+                skipped[label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    medians = timed_rounds(steps, args.warmup, args.steps, args.rounds)
+    eager_ms, base_ms = medians[eager_name], medians["ort cpu, numpy feeds"]
+    print(f"\nWhisper {args.bundle or args.model + '.en-shaped random weights'}: one-token "
+          f"decoder step after 16 cached tokens, median of {args.steps} steps per row in "
+          f"{args.rounds} interleaved rounds (after {args.warmup} warm-up steps); load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"{'row':<34} {'ms/step':>9} {'x eager':>8} {'x ort cpu':>10}")
-    for label, value in rows:
-        if isinstance(value, float):
-            vs_eager = f"{eager_ms / value:7.2f}x" if eager_ms else ""
-            print(f"{label:<34} {value:>9.3f} {vs_eager:>8} {base_ms / value:>9.2f}x")
+    for label in [eager_name] + [p[0] for p in plan]:
+        if label in medians:
+            ms = medians[label]
+            print(f"{label:<34} {ms:>9.3f} {eager_ms / ms:>7.2f}x {base_ms / ms:>9.2f}x")
         else:
-            print(f"{label:<34} {value}")
+            print(f"{label:<34} {skipped[label]}")
+    ref = probes["ort cpu, numpy feeds"]()
     print("\nagreement with the CPU host path (same step): max |diff| / max |logit|, argmax")
-    for label, rel, same in agreement:
+    for label, probe in probes.items():
+        logits = probe()
+        rel = float(np.abs(logits - ref).max() / max(1e-9, float(np.abs(ref).max())))
+        same = int(np.argmax(logits)) == int(np.argmax(ref))
         print(f"  {label:<34} {rel:.2e}  {'same' if same else 'DIFFERENT'}")
 
 
