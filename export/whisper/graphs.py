@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration
 
+from edgestream.export.greedy_head import greedy_choices
+
 
 GREEDY_HEAD = True  # export the greedy head (False: the logits-only decoder of older bundles)
 
@@ -154,16 +156,3 @@ class WhisperDecoderStep(nn.Module):
             (self.ids >= self.timestamp_begin)
         first = fixed | (self.ids.view(-1, 1) == self.begin.view(1, -1)).any(-1)
         return torch.stack([fixed, first])
-
-
-def greedy_choices(logits: torch.Tensor, masks: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy head: for every token row and every rule set (`masks` [R, vocab], True =
-    suppressed) the chosen id `[1, T, R]` (int64; the first of equal maxima, as numpy's argmax)
-    and its log-probability under the rules `[1, T, R]`, so a step returns a few bytes instead
-    of the logits. All-suppressed rows give a non-finite log-probability: the runtime then
-    falls back to the logits."""
-    scores = torch.where(masks.unsqueeze(0).unsqueeze(0), float("-inf"), logits.unsqueeze(2))
-    choice = scores.argmax(-1)
-    logp = torch.log_softmax(scores, -1).gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-    return choice, logp

@@ -93,3 +93,27 @@ def test_bundle_without_head_still_decodes(tiny_whisper_dir: Path, tiny_bundle: 
     a = legacy.decode(max_new=25, max_repeats=NO_LOOP_GUARD)
     b = current.decode(max_new=25, max_repeats=NO_LOOP_GUARD)
     assert a.tokens == b.tokens and len(a.tokens) >= 10
+
+
+@pytest.mark.parametrize("execution", ["host", "bound"])
+def test_moonshine_head_equals_logits_path(tiny_moonshine_bundle: Path, execution: str) -> None:
+    """The Moonshine decoder's head gives the logits path's tokens (column 0), and with the end
+    token suppressed exactly `max_new` tokens (column 1); transformers agreement of this path
+    is checked end to end by test_moonshine_stream.py's finals."""
+    from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
+
+    engine = StreamingEncDecEngine(Bundle.open(tiny_moonshine_bundle,
+                                               SessionConfig("cpu", 1, execution=execution)))
+    assert engine.has_head
+    audio = to_mono(read_wav(speech_dir() / "arctic_a0007.wav").samples)
+    for i in range(0, audio.size - engine.chunk, engine.chunk):
+        engine.push(audio[i: i + engine.chunk])
+    results = []
+    for has_head in (True, False):
+        engine.has_head = has_head
+        results.append((engine.decode(40, NO_LOOP_GUARD),
+                        engine.decode(30, NO_LOOP_GUARD, stop_at_eos=False)))
+    (fast, fast_n), (slow, slow_n) = results
+    assert len(fast.tokens) >= 10 and fast.tokens == slow.tokens
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, rtol=1e-4, atol=1e-5)
+    assert fast_n.tokens == slow_n.tokens and len(fast_n.tokens) == 30

@@ -52,6 +52,8 @@ class StreamingEncDecEngine:
         self.block_graph, self.block_size = block_graph(bundle, "token")
         self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
         # state on the execution device (IO binding) or in host arrays: `execution`
+        # bundles since issue 8: the decoder's greedy head returns the choice of each row
+        self.has_head = self.decoder.spec.output("choice") is not None
         self.states = make_states(m, bundle.sessions, ["encoder", "memory", "decoder",
                                                        self.block_graph])
         self.tokenizer = bundle.tokenizer
@@ -103,6 +105,17 @@ class StreamingEncDecEngine:
     def step(self, token: int, position: int) -> np.ndarray:
         return self._run(self.decoder, "decoder", [token], position)[0]
 
+    def step_choice(self, token: int, position: int, column: int) -> tuple[int, float]:
+        """One step through the greedy head (bundles since issue 8): (id, log-probability) with
+        no rule (column 0) or the end token suppressed (column 1); only those leave the
+        device."""
+        out = self.states.run("decoder", {
+            "token": np.array([[token]], dtype=np.int64),
+            "position": np.array([position], dtype=np.int64),
+            "memory_length": np.array([self.memory_length], dtype=np.int64)}, position)
+        return (int(out.host("choice")[0, 0, column]),
+                float(out.host("choice_logprob")[0, 0, column]))
+
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
         return self._run(self.decoder_block, self.block_graph, tokens, position)
 
@@ -133,8 +146,16 @@ class StreamingEncDecEngine:
                 logits[self.eos] = -np.inf
             return pick(logits, temperature, rng)
 
+        head = None
+        if self.has_head and rng is None:
+            column = 0 if stop_at_eos else 1
+
+            def head(token: int, position: int, generated: list[int]) -> tuple[int, float]:
+                return self.step_choice(token, position, column)
+
         return greedy_decode(self, self.prompt, choose, self.eos, limit,
-                             lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
+                             lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint,
+                             head=head)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()
