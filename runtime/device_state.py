@@ -216,6 +216,11 @@ class BoundStates:
         self._reads = {g: [s for s in self._bound_pairs if s.reads(g)] for g in self.graphs}
         # captured CUDA graphs for this stream, where the session allows them and a slot is free
         self.captured = {g: sessions[g].slots.claim() for g in sorted(self.graphs)}
+        if any(self.captured.values()):
+            # what a captured stream costs: its own fixed buffers (the graphs add little)
+            log.info("stream state on %s:%d replays captured CUDA graphs for %s; its device "
+                     "buffers take %.1f MB", self.device, self.device_id,
+                     ", ".join(g for g, c in self.captured.items() if c), self.nbytes / 1e6)
         self._writes = {g: [s for s in self._bound_pairs if s.writes(g)] for g in self.graphs}
 
     # -- the host part (VAD) keeps StateStore's interface ------------------------------------
@@ -231,9 +236,12 @@ class BoundStates:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of this stream's buffers: device state (both ping-pong halves), the bound
+        scratch inputs/outputs allocated so far, and the host part (VAD)."""
         device = sum(np.prod(self.pairs[n].shape) * np.dtype(self.pairs[n].dtype).itemsize * len(v)
                      for n, v in self.values.items())
-        return int(device) + self.host.nbytes
+        scratch = sum(v.tensor_size_in_bytes() for v in getattr(self, "_scratch", {}).values())
+        return int(device) + int(scratch) + self.host.nbytes
 
     # -- device buffers -----------------------------------------------------------------------
     def _alloc(self, shape: Sequence[int], dtype: str, init: float = 0.0) -> Any:
