@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from transformers.models.moonshine_streaming.modeling_moonshine_streaming import (
     MoonshineStreamingForConditionalGeneration, apply_rotary_pos_emb, repeat_kv)
 
-from edgestream.export.greedy_head import greedy_choices
+from edgestream.export.greedy_head import greedy_choices, suppressed
 
 WINDOW_SEMANTICS = ("transformers", "inclusive")
 GREEDY_HEAD = True  # the decoder ends with the greedy head (False: logits only, as before)
@@ -164,11 +164,9 @@ class MoonshineDecoderStep(nn.Module):
                  max_memory_frames: int, eos: int = -1, greedy_head: bool | None = None) -> None:
         super().__init__()
         self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
-        vocab = model.proj_out.weight.shape[0]
         # greedy head rule sets: none (column 0), and the end token suppressed (column 1: a
         # decode of exactly N tokens, as benchmarks with random weights run)
-        self.register_buffer("ids", torch.arange(vocab), persistent=False)
-        self.eos = eos
+        self.eos = [eos] if eos >= 0 else []
         self.dec = model.model.decoder
         self.proj_out = model.proj_out
         self.head_dim = model.config.head_dim
@@ -207,5 +205,4 @@ class MoonshineDecoderStep(nn.Module):
         logits = self.proj_out(self.dec.norm(x))
         if not self.greedy_head:
             return (logits, *rows)
-        masks = torch.stack([self.ids < 0, self.ids == self.eos])
-        return (logits, *greedy_choices(logits, masks), *rows)
+        return (logits, *greedy_choices([logits, suppressed(logits, self.eos)]), *rows)

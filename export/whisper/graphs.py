@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration
 
-from edgestream.export.greedy_head import greedy_choices
+from edgestream.export.greedy_head import greedy_choices, suppressed
 
 
 GREEDY_HEAD = True  # export the greedy head (False: the logits-only decoder of older bundles)
@@ -77,16 +77,10 @@ class WhisperDecoderStep(nn.Module):
         dec = model.model.decoder
         self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
         vocab = model.proj_out.weight.shape[0]
-        # the greedy head's fixed rules (the generation config's suppression, and no timestamp
-        # tokens: the rules of a decode without timestamps), as small index lists: a vocab-sized
-        # mask would be a second vocabulary-sized tensor in the file
-        never = [t for t in suppress if 0 <= t < vocab]
-        self.register_buffer("never", torch.tensor(never or [-1], dtype=torch.long),
-                             persistent=False)
-        begin = [t for t in suppress_at_begin if 0 <= t < vocab]
-        self.register_buffer("begin", torch.tensor(begin or [-1], dtype=torch.long),
-                             persistent=False)
-        self.register_buffer("ids", torch.arange(vocab), persistent=False)
+        # the greedy head's fixed rules: the generation config's suppression, and no timestamp
+        # tokens (the rules of a decode without timestamps); column 1 adds the begin suppression
+        self.never = [t for t in suppress if 0 <= t < vocab]
+        self.begin = [t for t in suppress_at_begin if 0 <= t < vocab]
         self.timestamp_begin = timestamp_begin if 0 < timestamp_begin < vocab else vocab
         self.dec = dec
         self.heads = model.config.decoder_attention_heads
@@ -147,12 +141,6 @@ class WhisperDecoderStep(nn.Module):
         logits = self.proj(self.dec.layer_norm(x))
         if not self.greedy_head:
             return (logits, *new_rows)
-        return (logits, *greedy_choices(logits, self._masks()), *new_rows)
-
-    def _masks(self) -> torch.Tensor:
-        """[2, vocab] True where a token may not be chosen: the fixed rules, and those plus the
-        begin suppression (the first token after the prompt)."""
-        fixed = (self.ids.view(-1, 1) == self.never.view(1, -1)).any(-1) | \
-            (self.ids >= self.timestamp_begin)
-        first = fixed | (self.ids.view(-1, 1) == self.begin.view(1, -1)).any(-1)
-        return torch.stack([fixed, first])
+        fixed = suppressed(logits, self.never, self.timestamp_begin)
+        first = suppressed(fixed, self.begin)
+        return (logits, *greedy_choices([fixed, first]), *new_rows)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -144,7 +145,7 @@ def eager_step(model: str) -> tuple[str, Step]:
 
 
 def ort_step(bundle: Path, provider: str, execution: str, captured: int, head: bool,
-             threads: int) -> tuple[Step, Callable[[], np.ndarray]]:
+             threads: int) -> tuple[Step, Callable[[], np.ndarray], str]:
     """A decoder step of the runtime's Whisper engine (and a probe for its logits)."""
     from edgestream.runtime.bundle import Bundle
     from edgestream.runtime.families.whisper.engine import WhisperEngine
@@ -160,7 +161,8 @@ def ort_step(bundle: Path, provider: str, execution: str, captured: int, head: b
         raise RuntimeError("this bundle has no greedy head (exported before issue 8)")
     step: Step = (lambda pos: engine.step_choice(50257, pos, False)) if head else \
         (lambda pos: engine.step(50257, pos))
-    return step, lambda: engine.step(50257, 16)
+    note = engine.decoder.capture.log_line() if captured else ""
+    return step, lambda: engine.step(50257, 16), note
 
 
 def main() -> None:
@@ -199,6 +201,7 @@ def main() -> None:
     steps: dict[str, Step] = {}
     skipped: dict[str, str] = {}
     probes: dict[str, Callable[[], np.ndarray]] = {}
+    notes: list[str] = []
     eager_name, steps_eager = eager_step(args.model)
     steps[eager_name] = steps_eager
     for label, bundle_dir, provider, execution, captured, head in plan:
@@ -208,8 +211,10 @@ def main() -> None:
             skipped[label] = "skipped: --bundle given" if args.bundle else why16
         else:
             try:
-                steps[label], probes[label] = ort_step(bundle_dir, provider, execution,
-                                                       captured, head, args.threads)
+                steps[label], probes[label], note = ort_step(bundle_dir, provider, execution,
+                                                             captured, head, args.threads)
+                if note:
+                    notes.append(f"{label}: {note}")
             except Exception as e:  # a GPU row that fails says why; the others still run
                 skipped[label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
     medians = timed_rounds(steps, args.warmup, args.steps, args.rounds)
@@ -225,6 +230,8 @@ def main() -> None:
             print(f"{label:<34} {ms:>9.3f} {eager_ms / ms:>7.2f}x {base_ms / ms:>9.2f}x")
         else:
             print(f"{label:<34} {skipped[label]}")
+    for note in notes:  # whether the "cuda graph" rows really replay a captured graph
+        print(note)
     ref = probes["ort cpu, numpy feeds"]()
     print("\nagreement with the CPU host path (same step): max |diff| / max |logit|, argmax")
     for label, probe in probes.items():
@@ -232,6 +239,7 @@ def main() -> None:
         rel = float(np.abs(logits - ref).max() / max(1e-9, float(np.abs(ref).max())))
         same = int(np.argmax(logits)) == int(np.argmax(ref))
         print(f"  {label:<34} {rel:.2e}  {'same' if same else 'DIFFERENT'}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
