@@ -28,6 +28,8 @@ from edgestream.runtime.session import (SessionConfig, session_config, tensorrt_
 def declared_feeds(manifest: Manifest, graph: GraphSpec, size: int) -> dict[str, np.ndarray]:
     """Inputs of `graph` at run size `size`: states at their initial values, the rest zeros."""
     init = {s.input: s.init for s in manifest.states if s.reads(graph.name)}
+    if graph.name == manifest.vad:  # Silero branches on its sample-rate input
+        init["sr"] = manifest.audio.sample_rate
     feeds = {}
     for t in graph.inputs:
         shape = tuple(size if isinstance(d, str) else d for d in t.shape)
