@@ -26,11 +26,11 @@ import numpy as np
 from edgestream.runtime.audio.resample import StreamingResampler
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import AudioInputError, BundleError, OptionError
-from edgestream.runtime.events.stats import StreamStats
+from edgestream.runtime.events.stats import StreamStats, graph_summary
 from edgestream.runtime.events.types import Event, Ready, Stats
 from edgestream.runtime.families import Family, all_families, lookup
 from edgestream.runtime.gate import Gate, GateConfig
-from edgestream.runtime.session import SessionConfig
+from edgestream.runtime.session import check_execution, session_config
 from edgestream.runtime.transcript import Transcript
 from edgestream.runtime.vad import EndpointConfig, Endpointer, EnergyVad, SileroVad
 
@@ -141,13 +141,20 @@ class Model:
         return self.family.transcribe(self, audio, fam)
 
 
-def load(bundle: str | Path, provider: str = "auto", threads: int = 0) -> Model:
-    """Open and validate a bundle once: hashes, graph signatures, tokenizer, VAD graph."""
+def load(bundle: str | Path, provider: str = "auto", threads: int = 0,
+         profile: Any = None, execution: str = "auto") -> Model:
+    """Open and validate a bundle once: hashes, graph signatures, tokenizer, VAD graph.
+
+    `profile`: a device profile (name, TOML path, `Profile`, or "auto" to detect) whose provider
+    order, provider options, threads and captured-stream count apply (an explicit `provider` or
+    `threads` wins). `execution`: host, bound (state resident on the device, IO binding) or auto
+    (bound on a GPU provider, host on the CPU)."""
     if not isinstance(threads, int) or threads < 0:
         raise OptionError(f"threads={threads!r}: give 0 (onnxruntime's choice) or a positive "
                           "number of intra-op threads")
+    check_execution(execution)
     _refuse_lm_bundle(Path(bundle))
-    return Model(Bundle.open(Path(bundle), SessionConfig(provider, threads)))
+    return Model(Bundle.open(Path(bundle), session_config(provider, threads, profile, execution)))
 
 
 def _refuse_lm_bundle(root: Path) -> None:
@@ -257,9 +264,11 @@ class Stream:
 
     def stats_event(self, **extra: Any) -> Stats:
         c = self.gate.counters
+        execution = getattr(self.states, "execution", "host")
         return Stats(self.gate.now, self.stats.summary(
             speculative_used=c.speculative_used, speculative_discarded=c.speculative_discarded,
-            gaps=c.gaps, gap_s=round(c.gap_s, 3), **extra))
+            gaps=c.gaps, gap_s=round(c.gap_s, 3), execution=execution,
+            graphs=graph_summary(self.model.bundle.sessions), **extra))
 
     def _chunks(self, audio: np.ndarray, flush: bool = False) -> list[Event]:
         size = self.model.chunk_samples

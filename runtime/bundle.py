@@ -72,7 +72,11 @@ class Bundle:
             raise BundleError(f"{tok}: not a readable tokenizers file ({e}); re-export the "
                               "bundle") from e
         cfg = config or SessionConfig()
-        sessions = {g.name: GraphSession(root / g.file, g, cfg) for g in manifest.graphs}
+        # the Silero VAD graph is tiny and runs every chunk: on a GPU its launches and copies
+        # would cost more than its compute, so it stays on the CPU
+        sessions = {g.name: GraphSession(root / g.file, g,
+                                         cfg.on_cpu() if g.name == manifest.vad else cfg)
+                    for g in manifest.graphs}
         log.info("bundle %s: %s/%s, %d graphs, %d states", root, manifest.family,
                  manifest.pipeline, len(manifest.graphs), len(manifest.states))
         return cls(root, manifest, sessions, tok, tokenizer)

@@ -18,6 +18,7 @@ from edgestream.runtime.events.sinks import CaptionSink, JsonlSink, SinkSet
 from edgestream.runtime.loop import LoopConfig, LoopStatus, StopFlag, run_loop
 from edgestream.runtime.session import resolve_providers
 from edgestream.runtime.doctor import register as register_doctor
+from edgestream.runtime.warmup import register as register_warmup
 from edgestream.runtime.service.command import register as register_service
 from edgestream.runtime.service.config import DEFAULT_ADDRESS, ServerConfig, check_address
 from edgestream.runtime.service.main import Kiosk
@@ -117,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
     register_service(sub)
     register_doctor(sub)
+    register_warmup(sub)
 
 
 def transcribe(args: argparse.Namespace) -> int:

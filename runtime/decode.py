@@ -50,6 +50,9 @@ def block_graph(bundle: "Bundle", token_input: str) -> tuple[str, int]:
 Chooser = Callable[[np.ndarray, list[int]], "tuple[int, float]"]
 # stop(generated) -> True when the loop guard wants this decode to end here
 Stopper = Callable[[list[int]], bool]
+# head(token, position, generated) -> the step's greedy choice (id, log-probability) from the
+# graph's greedy head, or its logits when the head cannot decide (every token suppressed)
+Head = Callable[[int, int, list[int]], "tuple[int, float] | np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,12 @@ def pick(scores: np.ndarray, temperature: float, rng: np.random.Generator | None
 
 def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser, eos: int,
                   limit: int, stop: Stopper, hint: Sequence[int] = (),
-                  probe: int | None = None, keep_logits: bool = False) -> GreedyResult:
+                  probe: int | None = None, keep_logits: bool = False,
+                  head: Head | None = None) -> GreedyResult:
     """Tokens after `prefix` (fed, not chosen), the whole sequence at most `limit` long.
-    `stop(generated)` is the loop guard; `probe`: keep the logits at that prefix position."""
+    `stop(generated)` is the loop guard; `probe`: keep the logits at that prefix position.
+    `head`: single steps after the prefix take the graph's own greedy choice (only the id and
+    its log-probability leave the device); it must apply the same rules as `choose`."""
     prefix = list(prefix)
     generated: list[int] = []
     logprobs: list[float] = []
@@ -105,12 +111,16 @@ def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser,
         return GreedyResult(tuple(generated), status == "eos", tuple(logprobs),
                             probed[0] if probed else None, status == "loop", tuple(kept))
 
-    def take(logits: np.ndarray) -> str:
-        """Choose the next token: 'eos', 'limit', 'loop' or 'more'."""
+    def take(logits: np.ndarray | tuple[int, float]) -> str:
+        """Choose the next token (or take the head's choice): 'eos', 'limit', 'loop' or
+        'more'."""
         beat()  # a long decode is progress, not a stall
-        if keep_logits:
-            kept.append(logits)
-        token, logp = choose(logits, generated)
+        if isinstance(logits, tuple):
+            token, logp = logits
+        else:
+            if keep_logits:
+                kept.append(logits)
+            token, logp = choose(logits, generated)
         logprobs.append(logp)
         if token == eos:
             return "eos"
@@ -125,7 +135,9 @@ def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser,
 
     def steps() -> GreedyResult:
         while True:
-            status = take(graphs.step(generated[-1], len(prefix) + len(generated) - 1))
+            token, pos = generated[-1], len(prefix) + len(generated) - 1
+            status = take(head(token, pos, generated) if head is not None
+                          else graphs.step(token, pos))
             if status != "more":
                 return result(status)
 

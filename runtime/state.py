@@ -11,15 +11,17 @@ from edgestream.runtime.manifest import Manifest, StatePair
 class StateStore:
     """All state buffers of one stream."""
 
-    def __init__(self, manifest: Manifest) -> None:
-        self.pairs: dict[str, StatePair] = {s.name: s for s in manifest.states}
+    def __init__(self, manifest: Manifest, skip: set[str] | frozenset[str] = frozenset()) -> None:
+        """`skip`: graphs whose states live elsewhere (on the device: `device_state`)."""
+        states = [s for s in manifest.states if s.graph not in skip and s.output_graph not in skip]
+        self.pairs: dict[str, StatePair] = {s.name: s for s in states}
         self.buffers: dict[str, np.ndarray] = {
-            s.name: np.full(s.shape, s.init, dtype=s.dtype) for s in manifest.states}
+            s.name: np.full(s.shape, s.init, dtype=s.dtype) for s in states}
         self._inputs: dict[str, list[StatePair]] = {}
         self._outputs: dict[str, list[StatePair]] = {}
         for g in manifest.graphs:
-            self._inputs[g.name] = [s for s in manifest.states if s.reads(g.name)]
-            self._outputs[g.name] = [s for s in manifest.states if s.writes(g.name)]
+            self._inputs[g.name] = [s for s in states if s.reads(g.name)]
+            self._outputs[g.name] = [s for s in states if s.writes(g.name)]
 
     @property
     def nbytes(self) -> int:

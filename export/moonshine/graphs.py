@@ -16,6 +16,9 @@
   `memory_length` valid rows -> logits `[1, T, vocab]` and the T new self K/V rows (RoPE applied
   before caching); token j attends the cached rows before `position` and its own rows 0..j. At K
   one pass teacher-forces a prefix or re-scores a previous hypothesis (DESIGN.md section 8).
+  With the greedy head (bundles since issue 8) it also returns `choice` and `choice_logprob`
+  `[1, T, 2]`: the greedy id and its log-probability with no rule (column 0) and with the end
+  token suppressed (column 1).
 
 The modules reuse the transformers model's weights and its rotary helpers; attention is computed
 here over plain tensors, so no Cache object or mask factory is traced.
@@ -29,7 +32,10 @@ from torch.nn import functional as F
 from transformers.models.moonshine_streaming.modeling_moonshine_streaming import (
     MoonshineStreamingForConditionalGeneration, apply_rotary_pos_emb, repeat_kv)
 
+from edgestream.export.greedy_head import greedy_choices, suppressed
+
 WINDOW_SEMANTICS = ("transformers", "inclusive")
+GREEDY_HEAD = True  # the decoder ends with the greedy head (False: logits only, as before)
 
 
 def attention_spans(windows: list[list[int]], semantics: str) -> list[tuple[int, int]]:
@@ -155,8 +161,12 @@ class MoonshineDecoderStep(nn.Module):
     """
 
     def __init__(self, model: MoonshineStreamingForConditionalGeneration, max_tokens: int,
-                 max_memory_frames: int) -> None:
+                 max_memory_frames: int, eos: int = -1, greedy_head: bool | None = None) -> None:
         super().__init__()
+        self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
+        # greedy head rule sets: none (column 0), and the end token suppressed (column 1: a
+        # decode of exactly N tokens, as benchmarks with random weights run)
+        self.eos = [eos] if eos >= 0 else []
         self.dec = model.model.decoder
         self.proj_out = model.proj_out
         self.head_dim = model.config.head_dim
@@ -192,4 +202,7 @@ class MoonshineDecoderStep(nn.Module):
                                       ca.scaling))
             x = x + layer.mlp(layer.final_layernorm(x))
             rows += [key, v]
-        return (self.proj_out(self.dec.norm(x)), *rows)
+        logits = self.proj_out(self.dec.norm(x))
+        if not self.greedy_head:
+            return (logits, *rows)
+        return (logits, *greedy_choices([logits, suppressed(logits, self.eos)]), *rows)

@@ -156,13 +156,15 @@ def export_moonshine_graphs(parts: MoonshineParts, out: Path, chunk_frames: int 
     self_kv = [torch.zeros(1, heads, max_tokens, head_dim) for _ in kv]
     cross_kv = [torch.zeros(1, heads, max_memory_frames, head_dim) for _ in kv]
     # traced at 2 tokens: torch.export specializes an example size of 1
-    export_graph(MoonshineDecoderStep(model, max_tokens, max_memory_frames),
+    step = MoonshineDecoderStep(model, max_tokens, max_memory_frames, parts.special["eos"])
+    head = ["choice", "choice_logprob"] if step.greedy_head else []  # the greedy head
+    export_graph(step,
                  (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                   torch.ones(1, dtype=torch.long), *self_kv, *cross_kv),
                  out / "decoder.onnx",
                  ["token", "position", "memory_length", *[f"self_{x}" for x in kv],
                   *[f"cross_{x}" for x in kv]],
-                 ["logits", *[f"new_self_{x}" for x in kv]],
+                 ["logits", *head, *[f"new_self_{x}" for x in kv]],
                  dynamic={"token": (1, "tokens", max_tokens)})
     (out / "tokenizer.json").write_text(parts.tokenizer_json)
 

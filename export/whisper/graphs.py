@@ -5,6 +5,11 @@
 - `decoder`: one token at `position` plus per-layer self-attention K/V `[1, heads, T_max, head_dim]`
   -> logits `[1, vocab]` and only the new K/V row, which the runtime writes into its buffer at
   `position`.
+- greedy head (bundles since issue 8): the decoder also returns `choice` and `choice_logprob`
+  `[1, T, 2]`, the greedy choice of every token row under the fixed suppression rules without
+  timestamps (column 0) and with the begin suppression too (column 1), with its log-probability,
+  so a device step sends 2 numbers per token across the bus instead of the logits (which remain
+  an output: for timestamp decodes, sampling and parity checks).
 - `decoder_block` (optional): the same step over K tokens at positions `position .. position+K-1`
   -> logits `[1, K, vocab]` and the K new rows `[1, heads, K, head_dim]` (written at `position`).
   Token j attends the cached rows before `position` and block rows 0..j, so one pass
@@ -18,9 +23,16 @@ cache bookkeeping (DESIGN.md section 2). Parity against the transformers forward
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration
+
+from edgestream.export.greedy_head import greedy_choices, suppressed
+
+
+GREEDY_HEAD = True  # export the greedy head (False: the logits-only decoder of older bundles)
 
 
 class WhisperEncoderGraph(nn.Module):
@@ -58,9 +70,18 @@ class WhisperDecoderStep(nn.Module):
     meaningless but finite, and the runtime never uses them (a block may overhang the cache end).
     """
 
-    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+    def __init__(self, model: WhisperForConditionalGeneration, suppress: Sequence[int] = (),
+                 suppress_at_begin: Sequence[int] = (), timestamp_begin: int = 0,
+                 greedy_head: bool | None = None) -> None:
         super().__init__()
         dec = model.model.decoder
+        self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
+        vocab = model.proj_out.weight.shape[0]
+        # the greedy head's fixed rules: the generation config's suppression, and no timestamp
+        # tokens (the rules of a decode without timestamps); column 1 adds the begin suppression
+        self.never = [t for t in suppress if 0 <= t < vocab]
+        self.begin = [t for t in suppress_at_begin if 0 <= t < vocab]
+        self.timestamp_begin = timestamp_begin if 0 < timestamp_begin < vocab else vocab
         self.dec = dec
         self.heads = model.config.decoder_attention_heads
         self.embed_scale = float(dec.embed_scale)
@@ -117,4 +138,9 @@ class WhisperDecoderStep(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
             new_rows += [k_new, v_new]
-        return (self.proj(self.dec.layer_norm(x)), *new_rows)
+        logits = self.proj(self.dec.layer_norm(x))
+        if not self.greedy_head:
+            return (logits, *new_rows)
+        fixed = suppressed(logits, self.never, self.timestamp_begin)
+        first = suppressed(fixed, self.begin)
+        return (logits, *greedy_choices([fixed, first]), *new_rows)

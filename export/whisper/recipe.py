@@ -123,9 +123,12 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
                 for _ in range(2 * cfg.decoder_layers)]
     names = [f"{kv}_{i}" for i in range(cfg.decoder_layers) for kv in "kv"]
     inputs = ["tokens", "position", *[f"self_{n}" for n in names], *[f"cross_{n}" for n in names]]
-    outputs = ["logits", *[f"new_self_{n}" for n in names]]
+    step = WhisperDecoderStep(parts.model, parts.suppress, parts.suppress_at_begin,
+                              parts.special.get("timestamp_begin", 0))
+    head = ["choice", "choice_logprob"] if step.greedy_head else []  # the greedy head
+    outputs = ["logits", *head, *[f"new_self_{n}" for n in names]]
     # traced at 2 tokens: torch.export specializes an example size of 1
-    export_graph(WhisperDecoderStep(parts.model),
+    export_graph(step,
                  (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                   *self_kv, *cross_kv),
                  out / "decoder.onnx", inputs, outputs, dynamic={"tokens": (1, "tokens", t_max)})

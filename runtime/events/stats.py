@@ -88,3 +88,16 @@ class StreamStats:
             out["final_compute_ms_max"] = round(self.final_compute_ms.max, 1)
         out.update(extra)
         return out
+
+
+def graph_summary(sessions: dict[str, Any]) -> dict[str, Any]:
+    """Per graph: the provider it really runs on and its run times per run size (e.g. tokens 1
+    and K), from the sessions' bounded histograms. Shared by every stream of one model."""
+    out: dict[str, Any] = {}
+    for name, session in sessions.items():
+        sizes = {}
+        for size, h in sorted(dict(session.times.by_size).items()):
+            sizes[str(size)] = {"runs": h.n, "ms_p50": round(h.percentile(50), 3),
+                                "ms_p95": round(h.percentile(95), 3), "ms_max": round(h.max, 3)}
+        out[name] = {"provider": session.provider, "sizes": sizes}
+    return out

@@ -177,7 +177,7 @@ def run_service(config: ServiceConfig, started: float, notifier: Notifier | None
         provider, threads = pick_provider(profile, config.provider), config.threads or \
             profile.threads
         load_from = time.monotonic()
-        model = load(config.bundle, provider, threads)
+        model = load(config.bundle, provider, threads, profile=profile)  # provider options
         load_s = time.monotonic() - load_from
         # the profile's stream options where this family takes them; the config's win
         accepted = model.stream_option_names()

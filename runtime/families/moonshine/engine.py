@@ -16,7 +16,7 @@ from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
 from edgestream.runtime.decode import GreedyResult, block_graph, greedy_decode, pick
 from edgestream.runtime.session import GraphSession
-from edgestream.runtime.state import StateStore
+from edgestream.runtime.device_state import make_states
 from edgestream.runtime.families.whisper.engine import repeats_too_often
 
 MODEL_GRAPHS = {"encoder", "memory", "decoder", "decoder_block"}
@@ -51,7 +51,11 @@ class StreamingEncDecEngine:
         self.decoder = bundle.sessions["decoder"]
         self.block_graph, self.block_size = block_graph(bundle, "token")
         self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
-        self.states = StateStore(m)
+        # state on the execution device (IO binding) or in host arrays: `execution`
+        # bundles since issue 8: the decoder's greedy head returns the choice of each row
+        self.has_head = self.decoder.spec.output("choice") is not None
+        self.states = make_states(m, bundle.sessions, ["encoder", "memory", "decoder",
+                                                       self.block_graph])
         self.tokenizer = bundle.tokenizer
         self.memory_length = 0
         self._positions = np.zeros((1, self.n), dtype=np.int64)
@@ -78,17 +82,17 @@ class StreamingEncDecEngine:
         the rest zero padding) and append its real frames to the memory; returns rows added."""
         valid = np.zeros((1, self.n), dtype=np.float32)
         valid[0, : self.n if valid_frames is None else valid_frames] = 1.0
-        outs = self.encoder.run({"audio": chunk.reshape(1, -1).astype(np.float32),
-                                 "valid": valid, **self.states.feeds("encoder")})
-        self.states.update("encoder", outs)
-        real = np.flatnonzero(outs["frames_valid"][0] > 0.5)[: self.m_max - self.memory_length]
+        outs = self.states.run("encoder", {"audio": chunk.reshape(1, -1).astype(np.float32),
+                                           "valid": valid})
+        real = np.flatnonzero(outs.host("frames_valid")[0] > 0.5)[
+            : self.m_max - self.memory_length]
         if real.size == 0:
             return 0
         self._positions[:] = 0
         self._positions[0, real] = np.arange(self.memory_length, self.memory_length + real.size)
-        rows = self.memory.run({"frames": outs["frames"], "positions": self._positions})
-        self.states.update("memory", {k: v[:, :, real] for k, v in rows.items()},
-                           position=self.memory_length)
+        # the frames stay where the encoder wrote them; only the real rows are appended
+        self.states.run("memory", {"frames": outs["frames"], "positions": self._positions},
+                        position=self.memory_length, rows=real)
         self.memory_length += real.size
         return int(real.size)
 
@@ -101,18 +105,27 @@ class StreamingEncDecEngine:
     def step(self, token: int, position: int) -> np.ndarray:
         return self._run(self.decoder, "decoder", [token], position)[0]
 
+    def step_choice(self, token: int, position: int, column: int) -> tuple[int, float]:
+        """One step through the greedy head (bundles since issue 8): (id, log-probability) with
+        no rule (column 0) or the end token suppressed (column 1); only those leave the
+        device."""
+        out = self.states.run("decoder", {
+            "token": np.array([[token]], dtype=np.int64),
+            "position": np.array([position], dtype=np.int64),
+            "memory_length": np.array([self.memory_length], dtype=np.int64)}, position)
+        return (int(out.host("choice")[0, 0, column]),
+                float(out.host("choice_logprob")[0, 0, column]))
+
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
         return self._run(self.decoder_block, self.block_graph, tokens, position)
 
     def _run(self, session: GraphSession, graph: str, tokens: Sequence[int],
              position: int) -> np.ndarray:
-        feeds = self.states.feeds(graph)
-        feeds["token"] = np.array([tokens], dtype=np.int64)
-        feeds["position"] = np.array([position], dtype=np.int64)
-        feeds["memory_length"] = np.array([self.memory_length], dtype=np.int64)
-        out = session.run(feeds)
-        self.states.update(graph, out, position)
-        return out["logits"].reshape(len(tokens), -1)
+        out = self.states.run(graph, {
+            "token": np.array([tokens], dtype=np.int64),
+            "position": np.array([position], dtype=np.int64),
+            "memory_length": np.array([self.memory_length], dtype=np.int64)}, position)
+        return out.host("logits").reshape(len(tokens), -1)
 
     def decode(self, max_new: int, max_repeats: int = 4, hint: Sequence[int] = (),
                stop_at_eos: bool = True, temperature: float = 0.0, seed: int = 0,
@@ -137,8 +150,16 @@ class StreamingEncDecEngine:
                 logits[self.eos] = -np.inf
             return pick(logits, temperature, rng)
 
+        head = None
+        if self.has_head and rng is None:
+            column = 0 if stop_at_eos else 1
+
+            def head(token: int, position: int, generated: list[int]) -> tuple[int, float]:
+                return self.step_choice(token, position, column)
+
         return greedy_decode(self, prefix, choose, self.eos, limit,
-                             lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint)
+                             lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint,
+                             head=head)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()

@@ -15,7 +15,7 @@ from edgestream.runtime.errors import BundleError
 from edgestream.runtime.decode import (GreedyResult, block_graph, greedy_decode, log_softmax,
                                        pick)
 from edgestream.runtime.families.whisper.mel import WhisperLogMel
-from edgestream.runtime.state import StateStore
+from edgestream.runtime.device_state import make_states
 
 _NEG = np.float32(-np.inf)
 
@@ -97,7 +97,8 @@ class WhisperEngine:
         self.decoder_block = bundle.sessions.get(self.block_graph) if self.block_size > 1 else None
         mel_spec = self.encoder.spec.inputs[0]
         self.mel = WhisperLogMel(n_mels=mel_spec.shape[1], n_samples=m.audio.window_samples)
-        self.states = StateStore(m)
+        # state on the execution device (IO binding) or in host arrays: `execution`
+        self.states = make_states(m, bundle.sessions, ["encoder", "decoder", self.block_graph])
         sp = m.tokenizer.special
         missing = {"sot", "eot"} - set(sp)
         if missing or not {"encoder", "decoder"} <= set(bundle.sessions):
@@ -108,6 +109,8 @@ class WhisperEngine:
         self.timestamp_begin = sp.get("timestamp_begin", 0)
         self.no_timestamps = sp.get("no_timestamps", -1)
         self.vocab = self.decoder.spec.output("logits").shape[-1]
+        # bundles since issue 8: the decoder's greedy head returns the choice of each row
+        self.has_head = self.decoder.spec.output("choice") is not None
         self.t_max = m.decoding.max_tokens
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
@@ -165,26 +168,35 @@ class WhisperEngine:
     def encode(self, audio: np.ndarray) -> None:
         """Compute the log-mel of up to one window of 16 kHz audio and fill the cross K/V."""
         mel = self.mel(audio)[None]
-        self.states.update("encoder", self.encoder.run({self.encoder.spec.inputs[0].name: mel}))
+        self.states.run("encoder", {self.encoder.spec.inputs[0].name: mel})
         if self.detect:
             self.language = self.detect_language()
             self.prompt = (self.prompt[0], self.languages[self.language], *self.prompt[2:])
 
     def step(self, token: int, position: int) -> np.ndarray:
-        feeds = self.states.feeds("decoder")
-        feeds["tokens"] = np.array([[token]], dtype=np.int64)
-        feeds["position"] = np.array([position], dtype=np.int64)
-        out = self.decoder.run(feeds)
-        self.states.update("decoder", out, position)
-        return out["logits"].reshape(-1, self.vocab)[0]
+        out = self.states.run("decoder", {"tokens": np.array([[token]], dtype=np.int64),
+                                          "position": np.array([position], dtype=np.int64)},
+                              position)
+        return out.host("logits").reshape(-1, self.vocab)[0]
+
+    def step_choice(self, token: int, position: int, first: bool) -> tuple[int, float] | np.ndarray:
+        """One step through the greedy head: (id, log-probability) under the fixed rules without
+        timestamps (`first`: the begin suppression too); the logits when every token was
+        suppressed (the caller's rules then decide)."""
+        out = self.states.run("decoder", {"tokens": np.array([[token]], dtype=np.int64),
+                                          "position": np.array([position], dtype=np.int64)},
+                              position)
+        column = int(first)
+        logp = float(out.host("choice_logprob")[0, 0, column])
+        if not np.isfinite(logp):
+            return out.host("logits").reshape(-1, self.vocab)[0]
+        return int(out.host("choice")[0, 0, column]), logp
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        feeds = self.states.feeds(self.block_graph)
-        feeds["tokens"] = np.array([tokens], dtype=np.int64)
-        feeds["position"] = np.array([position], dtype=np.int64)
-        out = self.decoder_block.run(feeds)
-        self.states.update(self.block_graph, out, position)
-        return out["logits"].reshape(len(tokens), self.vocab)
+        out = self.states.run(self.block_graph, {"tokens": np.array([tokens], dtype=np.int64),
+                                                 "position": np.array([position], dtype=np.int64)},
+                              position)
+        return out.host("logits").reshape(len(tokens), self.vocab)
 
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
                max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),
@@ -241,9 +253,15 @@ class WhisperEngine:
                 return guard.runaway(generated)
             return repeats_too_often(generated, max_repeats)
 
+        head = None
+        if self.has_head and not timestamps and rng is None and not keep_logits:
+            def head(token: int, position: int, generated: list[int]
+                     ) -> tuple[int, float] | np.ndarray:
+                return self.step_choice(token, position, not generated and not forced)
+
         out = greedy_decode(self, prefix, choose, self.eot, limit, stop, hint=hint,
                             probe=len(context) if self.no_speech >= 0 else None,
-                            keep_logits=keep_logits)
+                            keep_logits=keep_logits, head=head)
         if out.looped and guard is not None:
             # drop the runaway segment (from its opening timestamp), keep every word before it
             keep = guard.segment_start(list(out.tokens))
