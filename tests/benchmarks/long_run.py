@@ -1,4 +1,6 @@
-"""E. A long run: hours of audio through one stream (Whisper tiny.en, or any --bundle) at file pace, in bounded memory.
+"""E. A long run: hours of audio through one stream at file pace, in bounded memory.
+
+The stream is Whisper tiny.en's (exported when missing) or any bundle given by --bundle.
 
 Run: `.venv/bin/python tests/benchmarks/long_run.py [--hours 2]` (`--hours 0.1` as a smoke test).
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
               f"sink drops {sinks.dropped}"]],
             "  expected finals: the reference pass's finals per clip (attributed by the final's\n"
             "  midpoint to the clip + silence piece holding it), summed over every clip fed; a\n"
-            "  Whisper stream carries text context across lines, so a pass may legitimately\n"
+            "  stream carries context across lines, so a pass may legitimately\n"
             "  split a line differently: differing passes are listed, not failed.", align="lll")
     if args.json:
         args.json.write_text(json.dumps(dict(
