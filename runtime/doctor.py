@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestream.runtime import profiles
+from edgestream.runtime.session import provider_options
 
 ORT_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
             "tensorrt": "TensorrtExecutionProvider"}
@@ -64,19 +65,9 @@ def _session(path: Path | bytes, provider: str, options: dict) -> tuple[object, 
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path) if isinstance(path, Path) else path, so,
                                    providers=[ORT_NAME[provider]],
-                                   provider_options=[_ort_options(options.get(provider, {}))])
+                                   provider_options=[provider_options(
+                                       provider, options.get(provider, {}))])
     return session, session.get_providers()
-
-
-def _ort_options(options: dict) -> dict[str, str]:
-    out = {}
-    for key, value in options.items():
-        if key == "gpu_mem_limit_mb":
-            key, value = "gpu_mem_limit", int(value) * 2**20
-        elif key == "fp16":
-            key = "trt_fp16_enable"
-        out[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    return out
 
 
 def check_provider(provider: str, options: dict) -> Check:
