@@ -37,6 +37,12 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (default: CUDA if available, else CPU)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
+    p.add_argument("--profile", help="device profile: a name in devices/profiles (e.g. "
+                   "jetson-orin-nano), a TOML path, or auto (detect); sets provider order and "
+                   "options, threads and captured streams (--provider/--threads win)")
+    p.add_argument("--execution", default="auto", choices=["auto", "host", "bound"],
+                   help="host: numpy feeds; bound: state resident on the device (IO binding); "
+                        "auto: bound on a GPU provider, host on the CPU")
 
 
 def add_language_args(p: argparse.ArgumentParser) -> None:
@@ -126,7 +132,7 @@ def transcribe(args: argparse.Namespace) -> int:
         raise OptionError(f"--format {args.format} with {len(args.files)} files: give "
                           "--output-dir DIR to write one file per input")
     audio = [read_wav(Path(f)) for f in args.files]  # every file is checked before any output
-    model = load(args.bundle, args.provider, args.threads)
+    model = load(args.bundle, args.provider, args.threads, args.profile, args.execution)
     options = {k: getattr(args, k) for k in TRANSCRIBE_FLAGS if getattr(args, k, None) is not None}
     model.stream(**options)  # language and task checked before any output
     for f, wav in zip(args.files, audio):
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         kiosk = Kiosk.bind(args.serve, server.history, server.max_clients, LoopStatus(),
                            "--serve")
     try:
-        model = load(args.bundle, args.provider, args.threads)
+        model = load(args.bundle, args.provider, args.threads, args.profile, args.execution)
         args.lm = None
         if args.respond is not None:
             from edgestream.runtime.responder.lm import load_lm

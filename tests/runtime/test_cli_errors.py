@@ -234,3 +234,18 @@ def test_run_stdin_zero_channels(tiny_bundle: Path) -> None:
     r = edgestream("run", tiny_bundle, "--input", "-", "--stdin-channels", "0",
                    stdin=b"\0" * 3200)
     assert_error(r, "--stdin-channels")
+
+
+def test_run_with_a_device_profile_and_bound_state(tiny_bundle: Path, short_clip: Path) -> None:
+    """`--profile` and `--execution` reach the model: the closing stats event says the stream
+    kept its state bound (IO binding) and the graphs ran on the profile's CPU provider."""
+    events = jsonl_events(edgestream("run", tiny_bundle, "--input", short_clip, "--jsonl",
+                                     "--profile", "cpu-x86_64", "--execution", "bound"))
+    stats = [e for e in events if e["type"] == "stats"][-1]
+    assert stats["execution"] == "bound", stats
+    assert events[0]["provider"] == "CPUExecutionProvider"
+
+
+def test_unknown_profile_is_named(tiny_bundle: Path, short_clip: Path) -> None:
+    r = edgestream("transcribe", tiny_bundle, short_clip, "--profile", "no-such-board")
+    assert_error(r, "no-such-board")
