@@ -161,6 +161,16 @@ def test_fp16_halves_the_size(tiny_bundle: Path, tmp_path: Path) -> None:
     ops = {n.op_type for n in dec.node}
     kept = [n for n in dec.node if n.op_type in ("LayerNormalization", "Softmax")]
     assert kept and "Cast" in ops
+    # the greedy head's log-probability is computed in fp32 too
+    made_by = {out: n for n in dec.node for out in n.output}
+
+    def fp32_cast(name: str) -> bool:
+        n = made_by.get(name)
+        return n is not None and n.op_type == "Cast" and any(
+            a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)
+
+    heads = [n for n in dec.node if n.op_type == "LogSoftmax"]
+    assert heads and all(fp32_cast(n.input[0]) for n in heads)
     engine = WhisperEngine(Bundle.open(root, CPU))
     engine.encode(np.random.default_rng(4).standard_normal(32000).astype(np.float32) * 0.1)
     assert np.isfinite(engine.step(50257, 0)).all()
