@@ -104,6 +104,17 @@ def _check_pieces(model: Any, lm: LanguageModel, report: dict) -> None:
                         "max_logit_diff": float(np.abs(last - ref).max())}
 
 
+def feed_mixed(engine: LMEngine, ids: list[int]) -> np.ndarray:
+    """Logits of every position, `ids` fed as a conversation feeds them: a mix of K-token
+    chunks and single steps."""
+    parts, i, n = [], 0, 0
+    while i < len(ids):
+        size = engine.lm.spec.chunk_tokens if n % 3 else 1
+        parts.append(engine.feed(ids[i:i + size], all_logits=True))
+        i, n = i + size, n + 1
+    return np.concatenate(parts)
+
+
 def _check_ring(model: Any, lm: LanguageModel, report: dict) -> None:
     ids = lm.encode(PASSAGE)
     slots = lm.spec.kv_slots
@@ -111,13 +122,7 @@ def _check_ring(model: Any, lm: LanguageModel, report: dict) -> None:
         ids = ids + ids
     engine = LMEngine(lm, pinned=SINKS)
     window = engine.kv.window
-    # a mix of chunks and single steps, as a conversation feeds them
-    parts, i, n = [], 0, 0
-    while i < len(ids):
-        size = lm.spec.chunk_tokens if n % 3 else 1
-        parts.append(engine.feed(ids[i:i + size], all_logits=True))
-        i, n = i + size, n + 1
-    ours = np.concatenate(parts)
+    ours = feed_mixed(engine, ids)
     ref = _hf_logits(model, ids, _window_mask(len(ids), SINKS, window))
     full = _hf_logits(model, ids)
     after = slice(window, len(ids) - 1)

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from edgestream.export.lm.parity import _window_mask
+    from edgestream.export.lm.parity import _window_mask, feed_mixed
     from edgestream.runtime.responder import load_lm
     from edgestream.runtime.responder.engine import LMEngine
 
@@ -45,12 +45,7 @@ def main() -> None:
         raise SystemExit(f"{args.text}: too repetitive for this check")
     engine = LMEngine(lm, pinned=SINKS)
     window = engine.kv.window
-    parts, i, n = [], 0, 0
-    while i < len(ids):
-        size = lm.spec.chunk_tokens if n % 3 else 1
-        parts.append(engine.feed(ids[i:i + size], all_logits=True))
-        i, n = i + size, n + 1
-    ours = np.concatenate(parts)
+    ours = feed_mixed(engine, ids)
     model = hf_model_and_ids()[0]
     with torch.no_grad():
         x = torch.tensor([ids])
