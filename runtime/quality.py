@@ -51,7 +51,11 @@ def judge(result: GreedyResult, text: str, temperature: float, rules: QualityRul
     problems = []
     if result.looped:
         problems.append("loop")
-    if compression_ratio(text) > rules.compression_ratio_max:
+    # a repetition the timestamp guard already timed against the audio (it spans the audio at
+    # the pace of speech, so the decode went on) is a phrase really said again and again: the
+    # compression ratio, blind to time, would only punish the words for being repeated
+    timed_repeat = result.guarded and not result.looped
+    if compression_ratio(text) > rules.compression_ratio_max and not timed_repeat:
         problems.append("compression")
     if result.logprobs and result.avg_logprob < rules.avg_logprob_min:
         problems.append("logprob")

@@ -105,10 +105,14 @@ class WhisperPolicy:
         if not self.s.context and self._no_speech(result):
             return Hypothesis()  # noise that passed the VAD: show nothing, commit nothing
         before = len(self.agreement.committed)
-        hyp = self.agreement.committed + list(result.tokens)
+        # a segment whose close the loop guard forced has a guessed end (tiny.en closes a phrase
+        # said six times at 5.4 s when the audio so far ends soon after 6.6 s): while more audio
+        # may follow, agree only on the text before it; the final decodes it with what follows
+        shown = result.tokens if result.guarded_at is None else result.tokens[: result.guarded_at]
+        hyp = self.agreement.committed + list(shown)
         self.agreement.update(hyp)
         new = len(self.agreement.committed) - before
-        self.s.scores += [lp for tok, lp in zip(result.tokens[:new], result.logprobs[:new])
+        self.s.scores += [lp for tok, lp in zip(shown[:new], result.logprobs[:new])
                           if tok < self.engine.eot]
         tentative = hyp[len(self.agreement.committed):]
         closed: list[LineText] = []
