@@ -31,25 +31,34 @@ SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"
 CLIPS = ("beckett", "arctic_a0007", "arctic_a0009", "two_cities")
 
 
-def export_pair(before: Path, after: Path, quantize: str) -> None:
+def export_pair(before: Path, after: Path, quantize: str, eval_windows: int = 300) -> None:
     """builtin:whisper-tiny.en twice: with the timestamp head (after) and without (before);
     a folder that already holds a bundle is kept."""
     from edgestream.export.build import ExportOptions, export_bundle
-    from edgestream.export.whisper import graphs, recipe
 
     if not (after / "manifest.json").is_file():
         export_bundle(ExportOptions("builtin:whisper-tiny.en", after, quantize=quantize,
-                                    force=True))
-    if (before / "manifest.json").is_file():
-        return
+                                    force=True, eval_windows=eval_windows))
+    if not (before / "manifest.json").is_file():
+        export_before(before, quantize, eval_windows)
 
-    class NoTimestampHead(graphs.WhisperDecoderStep):  # the decoder graph as exported before
+
+def export_before(out: Path, quantize: str, eval_windows: int = 300) -> None:
+    """builtin:whisper-tiny.en with the decoder graph as exported before the timestamp head."""
+    from edgestream.export.build import ExportOptions, export_bundle
+    from edgestream.export.whisper import graphs, recipe
+
+    class NoTimestampHead(graphs.WhisperDecoderStep):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **{**kwargs, "no_timestamps": -1})
 
+    saved = recipe.WhisperDecoderStep
     recipe.WhisperDecoderStep = NoTimestampHead  # type: ignore[misc]
-    export_bundle(ExportOptions("builtin:whisper-tiny.en", before, quantize=quantize,
-                                force=True))
+    try:
+        export_bundle(ExportOptions("builtin:whisper-tiny.en", out, quantize=quantize,
+                                    force=True, eval_windows=eval_windows))
+    finally:
+        recipe.WhisperDecoderStep = saved  # type: ignore[misc]
 
 
 def _engine(bundle: Path, execution: str, head_blocks: bool) -> Any:
@@ -136,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--export", action="store_true", help="export both bundles first")
     p.add_argument("--quantize", default="int8")
+    p.add_argument("--eval-windows", type=int, default=300, help="accuracy-gate windows (export)")
     args = p.parse_args(argv)
     if args.export:
-        export_pair(args.before, args.after, args.quantize)
+        export_pair(args.before, args.after, args.quantize, args.eval_windows)
         return 0
     clips = [to_mono(read_wav(SPEECH / f"{c}.wav").samples) for c in CLIPS]
     rows = {f"{label}, {ex}": _engine(bundle, ex, heads)
