@@ -6,6 +6,10 @@ tokens are kept while each equals the choice at its position, and single steps c
 first disagreement. The result is exactly the plain step-by-step sequence; only the work differs
 (one block pass costs about two steps, DESIGN.md section 8).
 
+Where the decoder graph ends with a greedy head (issue 8), steps and block rows alike are read as
+the head's (id, log-probability), not as logits; the logits are read only where a row needs them
+(a probe, a row the head cannot decide); `keep_logits` and sampling bypass the head.
+
 Every chosen token carries its log-probability (after the family's suppression rules), so callers
 can judge a decode the way the best Whisper runtimes do: average log-probability, compression
 ratio, the probability of "no speech" at a probe position.
