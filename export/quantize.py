@@ -205,7 +205,7 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     # numerically touchy reductions stay fp32; graph inputs/outputs (the streaming state) too
     keep = [*DEFAULT_OP_BLOCK_LIST, "LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt",
             "Exp", "SimplifiedLayerNormalization", "RMSNormalization", "ReduceSum", "Erf",
-            "LogSoftmax"]  # the greedy head's log-probability
+            "LogSoftmax", "ReduceLogSumExp"]  # the greedy head's log-probabilities
     return convert_float_to_float16(model, keep_io_types=True, op_block_list=keep)
 
 

@@ -6,6 +6,10 @@ tokens are kept while each equals the choice at its position, and single steps c
 first disagreement. The result is exactly the plain step-by-step sequence; only the work differs
 (one block pass costs about two steps, DESIGN.md section 8).
 
+Where the decoder graph ends with a greedy head (issue 8), steps and block rows alike are read as
+the head's (id, log-probability), not as logits; the logits are read only where a row needs them
+(a probe, a row the head cannot decide); `keep_logits` and sampling bypass the head.
+
 Every chosen token carries its log-probability (after the family's suppression rules), so callers
 can judge a decode the way the best Whisper runtimes do: average log-probability, compression
 ratio, the probability of "no speech" at a probe position.
@@ -14,7 +18,7 @@ ratio, the probability of "no speech" at a probe position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -53,6 +57,61 @@ Stopper = Callable[[list[int]], bool]
 # head(token, position, generated) -> the step's greedy choice (id, log-probability) from the
 # graph's greedy head, or its logits when the head cannot decide (every token suppressed)
 Head = Callable[[int, int, list[int]], "tuple[int, float] | np.ndarray"]
+
+
+class BlockRows(Protocol):
+    """One K-token block pass, read row by row: the graph head's choice where it can decide,
+    the row's logits where they are needed (a probe, a row the head cannot decide)."""
+
+    def choice(self, row: int, generated: list[int]) -> "tuple[int, float] | None": ...
+
+    def logits(self, row: int) -> np.ndarray: ...
+
+
+# block_head(tokens, position, histories) -> the pass's rows; histories[j] is what `generated`
+# is when row j's choice is taken if the hint holds (None: a row inside the prefix, no choice)
+BlockHead = Callable[[Sequence[int], int, Sequence["list[int] | None"]], BlockRows]
+
+
+@dataclass(frozen=True)
+class LogitRows:
+    """A block pass read through its logits only (no head: older bundles, sampling, parity)."""
+
+    all_logits: np.ndarray
+
+    def choice(self, row: int, generated: list[int]) -> None:
+        return None
+
+    def logits(self, row: int) -> np.ndarray:
+        return self.all_logits[row]
+
+
+class HeadRows:
+    """A block pass read through the graph's greedy head: row j's choice is column
+    `column(j, generated)` of its `choice` / `choice_logprob` outputs (None, or a non-finite
+    log-probability: every token suppressed, the host's rules decide through the logits). The
+    choices are copied to the host once, on first use; the logits only row by row, where a row
+    needs them."""
+
+    def __init__(self, outputs: Any, column: Callable[[int, list[int]], "int | None"]) -> None:
+        self.outputs = outputs  # a step's outputs: `host(name)` copies one to the host
+        self.column = column
+        self._fetched: dict[str, np.ndarray] = {}
+
+    def _host(self, name: str) -> np.ndarray:
+        if name not in self._fetched:
+            self._fetched[name] = self.outputs.host(name)[0]
+        return self._fetched[name]
+
+    def choice(self, row: int, generated: list[int]) -> tuple[int, float] | None:
+        col = self.column(row, generated)
+        if col is None:
+            return None
+        logp = float(self._host("choice_logprob")[row, col])
+        return (int(self._host("choice")[row, col]), logp) if np.isfinite(logp) else None
+
+    def logits(self, row: int) -> np.ndarray:
+        return self.outputs.host_row("logits", row)
 
 
 @dataclass(frozen=True)
@@ -96,11 +155,15 @@ def pick(scores: np.ndarray, temperature: float, rng: np.random.Generator | None
 def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser, eos: int,
                   limit: int, stop: Stopper, hint: Sequence[int] = (),
                   probe: int | None = None, keep_logits: bool = False,
-                  head: Head | None = None) -> GreedyResult:
+                  head: Head | None = None, block_head: BlockHead | None = None
+                  ) -> GreedyResult:
     """Tokens after `prefix` (fed, not chosen), the whole sequence at most `limit` long.
     `stop(generated)` is the loop guard; `probe`: keep the logits at that prefix position.
-    `head`: single steps after the prefix take the graph's own greedy choice (only the id and
-    its log-probability leave the device); it must apply the same rules as `choose`."""
+    `head`: single steps take the graph's own greedy choice (only the id and its
+    log-probability leave the device); `block_head`: the same for block passes. Both must
+    apply the same rules as `choose`; `keep_logits` (parity checks) bypasses them."""
+    if keep_logits:
+        head = block_head = None
     prefix = list(prefix)
     generated: list[int] = []
     logprobs: list[float] = []
@@ -147,23 +210,35 @@ def greedy_decode(graphs: DecoderGraphs, prefix: Sequence[int], choose: Chooser,
     if k > 1 and len(seq) > 1:
         for fed in range(0, len(seq), k):
             chunk = seq[fed: fed + k]
-            logits = graphs.block(chunk + [eos] * (k - len(chunk)), fed)
+            padded = chunk + [eos] * (k - len(chunk))
+            if block_head is None:
+                rows: BlockRows = LogitRows(graphs.block(padded, fed))
+            else:
+                rows = block_head(padded, fed, [
+                    seq[len(prefix): fed + j + 1] if len(prefix) - 1 <= fed + j < len(seq)
+                    else None for j in range(k)])
             for j in range(len(chunk)):
                 pos = fed + j
-                look(pos, logits[j])
+                if pos == probe:
+                    look(pos, rows.logits(j))
                 if pos < len(prefix) - 1:
                     continue  # inside the prefix: nothing to choose yet
-                status = take(logits[j])
+                chosen = rows.choice(j, generated)
+                status = take(chosen if chosen is not None else rows.logits(j))
                 if status != "more":
                     return result(status)
                 if pos + 1 >= len(seq) or generated[-1] != seq[pos + 1]:
                     # the hint ends or disagrees here; rows written past this point are masked
                     # (they lie at or after the next position) and get overwritten by steps
                     return steps()
-    for pos, token in enumerate(seq[:-1]):
-        look(pos, graphs.step(token, pos))
-    last = graphs.step(seq[-1], len(seq) - 1)
-    look(len(seq) - 1, last)
+    last: np.ndarray | tuple[int, float] | None = None
+    for pos, token in enumerate(seq):
+        if head is None or pos == probe:
+            last = graphs.step(token, pos)
+            look(pos, last)
+        else:  # the head's choice is used at the last prefix token only
+            last = head(token, pos, generated)
+    assert last is not None  # the prefix is never empty (engines check their prompt)
     status = take(last)
     if status != "more":
         return result(status)

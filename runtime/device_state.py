@@ -153,6 +153,14 @@ class StepOutputs:
         v = self.values[name]
         return v if isinstance(v, np.ndarray) else to_host(v)
 
+    def host_row(self, name: str, row: int) -> np.ndarray:
+        """Row `row` of a `[1, T, ...]` output on the host (a probe's logits out of a block
+        pass): a CPU output copies only that row; a CUDA one is copied whole, then cut."""
+        v = self.values[name]
+        if isinstance(v, np.ndarray):
+            return v[0, row]
+        return v.numpy()[0, row].copy()
+
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 

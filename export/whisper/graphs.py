@@ -9,7 +9,13 @@
   `[1, T, 2]`, the greedy choice of every token row under the fixed suppression rules without
   timestamps (column 0) and with the begin suppression too (column 1), with its log-probability,
   so a device step sends 2 numbers per token across the bus instead of the logits (which remain
-  an output: for timestamp decodes, sampling and parity checks).
+  an output: for sampling, the no-speech probe and parity checks).
+- timestamp head (bundles since issue 8's CPU follow-up): column 2 of `choice` is the choice under
+  Whisper's timestamp rules, whose history dependence arrives as a tiny input `timestamp_state`
+  `[1, T, 2]` int64 per token row: the kind of the last two tokens (0 nothing generated yet, 1
+  last was text, 2 a timestamp after text, 3 two timestamps or a lone opening one) and the last
+  timestamp token so far (-1: none). A timestamped greedy step then also returns only (id,
+  log-probability); bundles without the input decode timestamps through the logits.
 - `decoder_block` (optional): the same step over K tokens at positions `position .. position+K-1`
   -> logits `[1, K, vocab]` and the K new rows `[1, heads, K, head_dim]` (written at `position`).
   Token j attends the cached rows before `position` and block rows 0..j, so one pass
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration
 
-from edgestream.export.greedy_head import greedy_choices, suppressed
+from edgestream.export.greedy_head import greedy_choices, suppressed, timestamp_rules
 
 
 GREEDY_HEAD = True  # export the greedy head (False: the logits-only decoder of older bundles)
@@ -72,7 +78,8 @@ class WhisperDecoderStep(nn.Module):
 
     def __init__(self, model: WhisperForConditionalGeneration, suppress: Sequence[int] = (),
                  suppress_at_begin: Sequence[int] = (), timestamp_begin: int = 0,
-                 greedy_head: bool | None = None) -> None:
+                 greedy_head: bool | None = None, eot: int = -1, no_timestamps: int = -1
+                 ) -> None:
         super().__init__()
         dec = model.model.decoder
         self.greedy_head = GREEDY_HEAD if greedy_head is None else greedy_head
@@ -82,6 +89,10 @@ class WhisperDecoderStep(nn.Module):
         self.never = [t for t in suppress if 0 <= t < vocab]
         self.begin = [t for t in suppress_at_begin if 0 <= t < vocab]
         self.timestamp_begin = timestamp_begin if 0 < timestamp_begin < vocab else vocab
+        # column 2, Whisper's timestamp rules (needs the end and no-timestamps tokens)
+        self.timestamp_head = self.greedy_head and 0 <= eot < self.timestamp_begin < vocab \
+            and 0 <= no_timestamps < vocab
+        self.eot, self.no_timestamps = eot, no_timestamps
         self.dec = dec
         self.heads = model.config.decoder_attention_heads
         self.embed_scale = float(dec.embed_scale)
@@ -115,6 +126,9 @@ class WhisperDecoderStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor,
                 *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        stamps = None
+        if self.timestamp_head:  # `timestamp_state` comes right after `position`
+            stamps, states = states[0], states[1:]
         n = len(self.dec.layers)
         self_kv, cross_kv = states[: 2 * n], states[2 * n:]
         x = self.dec.embed_tokens(tokens) * self.embed_scale
@@ -143,4 +157,9 @@ class WhisperDecoderStep(nn.Module):
             return (logits, *new_rows)
         fixed = suppressed(logits, self.never, self.timestamp_begin)
         first = suppressed(fixed, self.begin)
-        return (logits, *greedy_choices([fixed, first]), *new_rows)
+        if stamps is None:
+            return (logits, *greedy_choices([fixed, first]), *new_rows)
+        base = suppressed(logits, [*self.never, self.no_timestamps])
+        stamped = timestamp_rules(base, suppressed(base, self.begin), stamps,
+                                  self.timestamp_begin, self.eot)
+        return (logits, *greedy_choices([fixed, first, stamped]), *new_rows)

@@ -62,6 +62,8 @@ def block_logits(block: GraphSession, k: int, store: StateStore, seq: list[int],
         feeds = store.feeds(block.spec.name)
         feeds["tokens"] = np.array([chunk + [pad] * (k - len(chunk))], dtype=np.int64)
         feeds["position"] = np.array([start], dtype=np.int64)
+        if block.spec.input("timestamp_state") is not None:  # only the head's column 2 reads it
+            feeds["timestamp_state"] = np.zeros((1, k, 2), dtype=np.int64)
         outs = block.run(feeds)
         store.update(block.spec.name, outs, start)
         out.append(outs["logits"].reshape(k, -1)[:len(chunk)])

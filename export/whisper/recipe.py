@@ -124,14 +124,22 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
     names = [f"{kv}_{i}" for i in range(cfg.decoder_layers) for kv in "kv"]
     inputs = ["tokens", "position", *[f"self_{n}" for n in names], *[f"cross_{n}" for n in names]]
     step = WhisperDecoderStep(parts.model, parts.suppress, parts.suppress_at_begin,
-                              parts.special.get("timestamp_begin", 0))
+                              parts.special.get("timestamp_begin", 0),
+                              eot=parts.special.get("eot", -1),
+                              no_timestamps=parts.special.get("no_timestamps", -1))
     head = ["choice", "choice_logprob"] if step.greedy_head else []  # the greedy head
     outputs = ["logits", *head, *[f"new_self_{n}" for n in names]]
+    dynamic = {"tokens": (1, "tokens", t_max)}
+    example: tuple[torch.Tensor, ...] = ()
+    if step.timestamp_head:  # the timestamp rule's per-row history (graphs.py)
+        inputs.insert(2, "timestamp_state")
+        dynamic["timestamp_state"] = (1, "tokens", t_max)
+        example = (torch.tensor([[[0, -1], [1, -1]]], dtype=torch.long),)
     # traced at 2 tokens: torch.export specializes an example size of 1
     export_graph(step,
                  (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                  *self_kv, *cross_kv),
-                 out / "decoder.onnx", inputs, outputs, dynamic={"tokens": (1, "tokens", t_max)})
+                  *example, *self_kv, *cross_kv),
+                 out / "decoder.onnx", inputs, outputs, dynamic=dynamic)
     (out / "tokenizer.json").write_text(parts.tokenizer_json)
     states = []
     for n in names:

@@ -72,10 +72,13 @@ def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
     prefix = [*m.decoding.prompt, 440, 1332, 995, 13, 3290, 262, 2068]  # 9 tokens
     last = 11
 
+    def stamps(n: int) -> dict[str, np.ndarray]:  # the timestamp head's input, unused here
+        return {"timestamp_state": np.zeros((1, n, 2), np.int64)}
+
     def step(store: StateStore, token: int, pos: int) -> np.ndarray:
         out = b.sessions["decoder"].run({"tokens": np.array([[token]], np.int64),
                                          "position": np.array([pos], np.int64),
-                                         **store.feeds("decoder")})
+                                         **stamps(1), **store.feeds("decoder")})
         store.update("decoder", out, pos)
         return out["logits"][0, 0]
 
@@ -85,7 +88,7 @@ def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
     by_step = [step(stepped, t, i) for i, t in enumerate(prefix)]
     out = b.sessions["decoder"].run(
         {"tokens": np.array([prefix + [0] * (BLOCK - len(prefix))], np.int64),
-         "position": np.array([0], np.int64), **blocked.feeds("decoder")})
+         "position": np.array([0], np.int64), **stamps(BLOCK), **blocked.feeds("decoder")})
     blocked.update("decoder", out, 0)
     np.testing.assert_allclose(out["logits"][0, :len(prefix)], np.stack(by_step), atol=1e-4)
     np.testing.assert_allclose(step(blocked, last, len(prefix)), step(stepped, last, len(prefix)),
@@ -93,7 +96,7 @@ def test_tiny_block_then_step_matches_steps(tiny_bundle: Path) -> None:
     # positions t_max - 3 .. t_max + 12: embedding index clamped, rows past the end dropped
     out = b.sessions["decoder"].run(
         {"tokens": np.full((1, BLOCK), last, np.int64), "position": np.array([t_max - 3], np.int64),
-         **blocked.feeds("decoder")})
+         **stamps(BLOCK), **blocked.feeds("decoder")})
     assert np.isfinite(out["logits"]).all()
     blocked.update("decoder", out, t_max - 3)
     np.testing.assert_array_equal(blocked.buffers["self_k_0"][:, :, t_max - 3:],

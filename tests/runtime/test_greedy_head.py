@@ -55,7 +55,7 @@ def test_head_tokens_equal_logits_path_and_transformers(tiny_bundle: Path, tiny_
     engine = _engine(tiny_bundle, execution)
     assert engine.has_head
     spec = engine.decoder.spec
-    assert spec.output("choice").shape == (1, "tokens", 2)
+    assert spec.output("choice").shape == (1, "tokens", 3)  # column 2: timestamp rules
     assert spec.output("choice").dtype == "int64"
     audio = to_mono(read_wav(speech_dir() / "arctic_a0009.wav").samples)
     engine.encode(audio)

@@ -110,13 +110,18 @@ def test_rescoring_with_a_hint_is_exact_and_cheaper(tiny_moonshine_bundle: Path)
     for i in range(0, audio.size - engine.chunk, engine.chunk):
         engine.push(audio[i: i + engine.chunk])
     steps = {"n": 0}
-    step = engine.step
+    step, step_choice = engine.step, engine.step_choice
 
     def counted(token: int, position: int) -> np.ndarray:
         steps["n"] += 1
         return step(token, position)
 
+    def counted_choice(token: int, position: int, column: int) -> tuple[int, float]:
+        steps["n"] += 1  # a single step through the greedy head
+        return step_choice(token, position, column)
+
     engine.step = counted  # type: ignore[method-assign]
+    engine.step_choice = counted_choice  # type: ignore[method-assign]
     plain = list(engine.decode(40, NO_LOOP_GUARD).tokens)
     plain_steps, steps["n"] = steps["n"], 0
     same = list(engine.decode(40, NO_LOOP_GUARD, hint=plain).tokens)

@@ -14,7 +14,8 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import GreedyResult, block_graph, greedy_decode, pick
+from edgestream.runtime.decode import (GreedyResult, HeadRows, block_graph, greedy_decode,
+                                       pick)
 from edgestream.runtime.session import GraphSession
 from edgestream.runtime.device_state import make_states
 from edgestream.runtime.families.whisper.engine import repeats_too_often
@@ -119,6 +120,15 @@ class StreamingEncDecEngine:
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
         return self._run(self.decoder_block, self.block_graph, tokens, position)
 
+    def block_choices(self, tokens: Sequence[int], position: int, column: int) -> HeadRows:
+        """One block pass read through the greedy head (`column` as in `step_choice`); the
+        logits are copied only for a row that needs them."""
+        out = self.states.run(self.block_graph, {
+            "token": np.array([tokens], dtype=np.int64),
+            "position": np.array([position], dtype=np.int64),
+            "memory_length": np.array([self.memory_length], dtype=np.int64)}, position)
+        return HeadRows(out, lambda row, generated: column)
+
     def _run(self, session: GraphSession, graph: str, tokens: Sequence[int],
              position: int) -> np.ndarray:
         out = self.states.run(graph, {
@@ -150,16 +160,20 @@ class StreamingEncDecEngine:
                 logits[self.eos] = -np.inf
             return pick(logits, temperature, rng)
 
-        head = None
+        head = block_head = None
         if self.has_head and rng is None:
             column = 0 if stop_at_eos else 1
 
             def head(token: int, position: int, generated: list[int]) -> tuple[int, float]:
                 return self.step_choice(token, position, column)
 
+            def block_head(tokens: Sequence[int], position: int,
+                           histories: Sequence[list[int] | None]) -> HeadRows:
+                return self.block_choices(tokens, position, column)
+
         return greedy_decode(self, prefix, choose, self.eos, limit,
                              lambda tokens: repeats_too_often(tokens, max_repeats), hint=hint,
-                             head=head)
+                             head=head, block_head=block_head)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()

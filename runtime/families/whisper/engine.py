@@ -12,10 +12,10 @@ import numpy as np
 
 from edgestream.runtime.bundle import Bundle
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.decode import (GreedyResult, block_graph, greedy_decode, log_softmax,
-                                       pick)
+from edgestream.runtime.decode import (GreedyResult, HeadRows, block_graph, greedy_decode,
+                                       log_softmax, pick)
 from edgestream.runtime.families.whisper.mel import WhisperLogMel
-from edgestream.runtime.device_state import make_states
+from edgestream.runtime.device_state import StepOutputs, make_states
 
 _NEG = np.float32(-np.inf)
 
@@ -62,9 +62,13 @@ class _SegmentLoopGuard:
             i -= 1
         return seq[i:]
 
-    def must_close(self, generated: list[int]) -> bool:
+    def closing(self, generated: list[int]) -> bool:
+        """What `must_close` answers, without recording it."""
         run = self._run(generated)
-        close = bool(run) and repeats_too_often(run, self.max_repeats)
+        return bool(run) and repeats_too_often(run, self.max_repeats)
+
+    def must_close(self, generated: list[int]) -> bool:
+        close = self.closing(generated)
         if close and self.fired_at is None:
             self.fired_at = self.segment_start(generated)
         return close
@@ -111,6 +115,8 @@ class WhisperEngine:
         self.vocab = self.decoder.spec.output("logits").shape[-1]
         # bundles since issue 8: the decoder's greedy head returns the choice of each row
         self.has_head = self.decoder.spec.output("choice") is not None
+        # ... and column 2 under the timestamp rules, fed their history (`_stamp_state`)
+        self.has_timestamp_head = self.decoder.spec.input("timestamp_state") is not None
         self.t_max = m.decoding.max_tokens
         self._suppress = np.array(m.decoding.suppress, dtype=np.int64)
         self._suppress_begin = np.array(m.decoding.suppress_at_begin, dtype=np.int64)
@@ -173,30 +179,46 @@ class WhisperEngine:
             self.language = self.detect_language()
             self.prompt = (self.prompt[0], self.languages[self.language], *self.prompt[2:])
 
-    def step(self, token: int, position: int) -> np.ndarray:
-        out = self.states.run("decoder", {"tokens": np.array([[token]], dtype=np.int64),
-                                          "position": np.array([position], dtype=np.int64)},
-                              position)
-        return out.host("logits").reshape(-1, self.vocab)[0]
+    def _run(self, graph: str, tokens: Sequence[int], position: int,
+             stamps: Sequence[tuple[int, int]] = ()) -> StepOutputs:
+        feeds = {"tokens": np.array([tokens], dtype=np.int64),
+                 "position": np.array([position], dtype=np.int64)}
+        if self.has_timestamp_head:  # one (kind, last timestamp) per row; zeros: unused
+            state = np.zeros((1, len(tokens), 2), dtype=np.int64)
+            if stamps:
+                state[0] = stamps
+            feeds["timestamp_state"] = state
+        return self.states.run(graph, feeds, position)
 
-    def step_choice(self, token: int, position: int, first: bool) -> tuple[int, float] | np.ndarray:
+    def step(self, token: int, position: int) -> np.ndarray:
+        return self._run("decoder", [token], position).host("logits").reshape(-1, self.vocab)[0]
+
+    def step_choice(self, token: int, position: int, first: bool,
+                    stamps: tuple[int, int] | None = None) -> tuple[int, float] | np.ndarray:
         """One step through the greedy head: (id, log-probability) under the fixed rules without
-        timestamps (`first`: the begin suppression too); the logits when every token was
-        suppressed (the caller's rules then decide)."""
-        out = self.states.run("decoder", {"tokens": np.array([[token]], dtype=np.int64),
-                                          "position": np.array([position], dtype=np.int64)},
-                              position)
-        column = int(first)
-        logp = float(out.host("choice_logprob")[0, 0, column])
-        if not np.isfinite(logp):
-            return out.host("logits").reshape(-1, self.vocab)[0]
-        return int(out.host("choice")[0, 0, column]), logp
+        timestamps (`first`: the begin suppression too), or with `stamps` (`_stamp_state`) under
+        the timestamp rules; the logits when every token was suppressed (the caller's rules
+        then decide)."""
+        out = self._run("decoder", [token], position, [stamps] if stamps else ())
+        rows = HeadRows(out, lambda row, generated: 2 if stamps else int(first))
+        chosen = rows.choice(0, [])
+        return chosen if chosen is not None else rows.logits(0)
 
     def block(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        out = self.states.run(self.block_graph, {"tokens": np.array([tokens], dtype=np.int64),
-                                                 "position": np.array([position], dtype=np.int64)},
-                              position)
+        out = self._run(self.block_graph, tokens, position)
         return out.host("logits").reshape(len(tokens), self.vocab)
+
+    def _stamp_state(self, seq: Sequence[int]) -> tuple[int, int]:
+        """What the timestamp head needs of the history `seq` (after the prompt): the kind of
+        its last two tokens (0 none yet, 1 text last, 2 a timestamp after text, 3 two
+        timestamps or a lone opening one) and its last timestamp token (-1: none)."""
+        tb = self.timestamp_begin
+        if not seq:
+            return 0, -1
+        last = next((t for t in reversed(seq) if t >= tb), -1)
+        if seq[-1] < tb:
+            return 1, last
+        return (3 if len(seq) < 2 or seq[-2] >= tb else 2), last
 
     def decode(self, forced: Sequence[int] = (), *, timestamps: bool = False,
                max_new: int | None = None, max_repeats: int = 4, hint: Sequence[int] = (),
@@ -253,15 +275,40 @@ class WhisperEngine:
                 return guard.runaway(generated)
             return repeats_too_often(generated, max_repeats)
 
-        head = None
-        if self.has_head and not timestamps and rng is None and not keep_logits:
+        head = block_head = None
+        if self.has_head and rng is None and (self.has_timestamp_head or not timestamps):
+            def rule(generated: list[int]) -> tuple[bool, tuple[int, int] | None] | None:
+                """(first, timestamp state) of the head's column for this history; None where
+                the host decides (the loop guard forcing a segment to close)."""
+                seq = forced + generated
+                if not timestamps:
+                    return not seq, None
+                if guard is not None and guard.closing(generated):
+                    return None
+                return not seq, self._stamp_state(seq)
+
             def head(token: int, position: int, generated: list[int]
                      ) -> tuple[int, float] | np.ndarray:
-                return self.step_choice(token, position, not generated and not forced)
+                r = rule(generated)
+                return self.step(token, position) if r is None else \
+                    self.step_choice(token, position, *r)
+
+            def block_head(tokens: Sequence[int], position: int,
+                           histories: Sequence[list[int] | None]) -> HeadRows:
+                rules = [rule(h) if h is not None else None for h in histories]
+                out = self._run(self.block_graph, tokens, position,
+                                [(r[1] if r and r[1] else (0, -1)) for r in rules])
+
+                def column(row: int, generated: list[int]) -> int | None:
+                    r = rules[row]  # what was fed for this row must be this history's rule
+                    if r is None or rule(generated) != r:
+                        return None
+                    return 2 if r[1] is not None else int(r[0])
+                return HeadRows(out, column)
 
         out = greedy_decode(self, prefix, choose, self.eot, limit, stop, hint=hint,
                             probe=len(context) if self.no_speech >= 0 else None,
-                            keep_logits=keep_logits, head=head)
+                            keep_logits=keep_logits, head=head, block_head=block_head)
         if out.looped and guard is not None:
             # drop the runaway segment (from its opening timestamp), keep every word before it
             keep = guard.segment_start(list(out.tokens))
