@@ -4,13 +4,14 @@
 (`encoder=int8,decoder=int4`), `int8-encoder` (the audio side only), or `auto`: every candidate the
 target device runs is exported and measured, and the fastest within the WER budget ships. Each
 variant is built in its own folder from the fp32 export and measured against it
-(`evaluation.WhisperEvaluator`: WER, greedy-token agreement over a few hundred windows, max logit
-difference, size, latency). A variant passes when it loses at most `wer_budget` WER points and
+(`evaluation.WhisperEvaluator`, `evaluation.MoonshineEvaluator`: WER, greedy-token agreement
+over a few hundred windows, max logit difference, size, latency; for moonshine_streaming also the
+block-vs-step logit difference that exact re-scoring needs). A variant passes when it loses at most `wer_budget` WER points and
 keeps at least `min_agreement` of fp32's greedy tokens. The whole table goes into the manifest
 (`accuracy`) and is printed; if nothing passes, the export fails with the table and writes nothing.
 
-Families without an evaluator (moonshine_streaming so far) are held to the parity clips instead:
-identical greedy tokens on every clip.
+Families without an evaluator are held to the parity clips instead: identical greedy tokens on
+every clip.
 """
 
 from __future__ import annotations
@@ -90,14 +91,17 @@ def check_quantize_option(opts: Any) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The accuracy table as aligned text."""
-    head = ("variant", "WER %", "dWER", "agree", "same win", "max dlogit", "MB", "step ms",
-            "enc ms", "ok")
+    head = ("variant", "WER %", "dWER", "agree", "same win", "max dlogit", "block-step", "MB",
+            "step ms", "enc ms", "ok")
     lines = [head]
     for r in rows:
+        rescoring = r.get("block_step_diff")
         lines.append((r["variant"], f"{r['wer']:.2f}", f"{r['wer_delta']:+.2f}",
                       f"{r['agreement']:.4f}", f"{r['identical_windows']}/{r['windows']}",
-                      f"{r['max_logit_diff']:.3g}", f"{r['size_mb']:.1f}", f"{r['step_ms']:.2f}",
-                      f"{r['encode_ms']:.0f}", "yes" if r["passed"] else f"no: {r['reason']}"))
+                      f"{r['max_logit_diff']:.3g}",
+                      "-" if rescoring is None else f"{rescoring:.2g}", f"{r['size_mb']:.1f}",
+                      f"{r['step_ms']:.2f}", f"{r['encode_ms']:.0f}",
+                      "yes" if r["passed"] else f"no: {r['reason']}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -130,12 +134,12 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     specs = AUTO[opts.target] if opts.quantize == "auto" else (opts.quantize,)
     plans = [(spec, precision_plan(spec, graphs, opts.target)) for spec in specs]
     evaluator = None
-    if data["family"] == "whisper":
-        from edgestream.export.evaluation import (WhisperEvaluator, default_eval_dir,
-                                                  load_eval_set)
+    from edgestream.export.evaluation import EVALUATORS, default_eval_dir, load_eval_set
 
+    if data["family"] in EVALUATORS:
         folder = Path(opts.eval_audio) if opts.eval_audio else default_eval_dir()
-        evaluator = WhisperEvaluator(fp32, load_eval_set(folder, max_windows=opts.eval_windows))
+        evaluator = EVALUATORS[data["family"]](
+            fp32, load_eval_set(folder, max_windows=opts.eval_windows))
     rows, folders, manifests = [], {}, {}
     if evaluator is not None:
         rows.append(evaluator.reference.row())
