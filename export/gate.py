@@ -36,6 +36,12 @@ TARGETS = {"cpu": ("fp32", "int8", "int4", "int8-nbits", "int8-qdq"),
            "gpu": ("fp32", "fp16", "int4", "int8-nbits", "int8-qdq")}
 AUTO = {"cpu": ("int8", "encoder=int8,decoder=int4", "int4"),
         "gpu": ("fp16", "encoder=fp16,decoder=int4", "int8-qdq")}
+# moonshine_streaming re-scores its hypothesis in K-token passes: its CPU candidates add 8-bit
+# decoders with exact re-scoring (fp32 activations), and its memory graph is quantized too
+AUTO_BY_FAMILY = {"moonshine_streaming": {
+    "cpu": ("int8", "encoder=int8,memory=int8,decoder=int8-nbits",
+            "encoder=int8,memory=int8,decoder=int4", "int4"),
+    "gpu": ("fp16", "encoder=fp16,memory=fp16,decoder=int4", "int8-qdq")}}
 TYPICAL_STEPS = 32  # decoder steps per window, to rank variants by speed
 
 
@@ -87,6 +93,10 @@ def check_quantize_option(opts: Any) -> None:
     if opts.eval_audio is not None and not (Path(opts.eval_audio) / "refs.tsv").is_file():
         raise ExportError(f"{Path(opts.eval_audio) / 'refs.tsv'}: --eval-audio needs a folder "
                           "with refs.tsv (file, tab, reference text per line)")
+    if opts.eval_audio is not None:  # a missing or unreadable clip fails now, not after export
+        from edgestream.export.evaluation import load_eval_set
+
+        load_eval_set(Path(opts.eval_audio), max_windows=1)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -131,7 +141,8 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     """Build and measure the requested variant(s) beside `fp32`; return the folder that ships
     (its manifest carries the table) or raise ParityError with the table."""
     graphs = [g["name"] for g in data["graphs"] if g["name"] != data.get("vad")]
-    specs = AUTO[opts.target] if opts.quantize == "auto" else (opts.quantize,)
+    auto = AUTO_BY_FAMILY.get(data["family"], AUTO)
+    specs = auto[opts.target] if opts.quantize == "auto" else (opts.quantize,)
     plans = [(spec, precision_plan(spec, graphs, opts.target)) for spec in specs]
     evaluator = None
     from edgestream.export.evaluation import EVALUATORS, default_eval_dir, load_eval_set
@@ -181,4 +192,4 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     return folders[best["variant"]]
 
 
-__all__ = ["NBITS", "TARGETS", "AUTO", "precision_plan", "choose_variant", "format_table"]
+__all__ = ["NBITS", "TARGETS", "AUTO", "AUTO_BY_FAMILY", "precision_plan", "choose_variant", "format_table"]

@@ -77,13 +77,13 @@ def split_8bit(model: onnx.ModelProto, accuracy_level: int = 1) -> int:
         # both halves share the 8-bit scales; x 16 afterwards is exact (a power of two)
         nodes += [
             helper.make_node("MatMulNBits", [node.input[0], hi, node.input[2]], [f"{out}_hi4"],
-                             name=f"{node.name}_hi4", domain=MS_DOMAIN, **four),
+                             name=f"{out}_hi4_node", domain=MS_DOMAIN, **four),
             helper.make_node("Mul", [f"{out}_hi4", "split_x16"], [f"{out}_hi4x16"],
-                             name=f"{node.name}_x16"),
+                             name=f"{out}_x16_node"),
             helper.make_node("MatMulNBits", [node.input[0], lo, node.input[2], zp],
-                             [f"{out}_lo4"], name=f"{node.name}_lo4", domain=MS_DOMAIN, **four),
+                             [f"{out}_lo4"], name=f"{out}_lo4_node", domain=MS_DOMAIN, **four),
             helper.make_node("Add", [f"{out}_hi4x16", f"{out}_lo4"], [out],
-                             name=f"{node.name}_add")]
+                             name=f"{out}_add_node")]
     del g.node[:]
     g.node.extend(nodes)
     _repoint_gathers(model, split)

@@ -28,7 +28,9 @@ def test_moonshine_gate_rejects_a_coarse_variant_and_ships_exact_int8(
       and a K-token block and K steps agree (exact re-scoring). It ships with the table.
     The random model's WER is meaningless (both transcripts are noise): gated on agreement."""
     exact8 = "encoder=int8-nbits,memory=int8-nbits,decoder=int8-nbits"
-    monkeypatch.setitem(gate.AUTO, "cpu", ("int4", exact8))
+    assert "encoder=int8,memory=int8,decoder=int8-nbits" in gate.AUTO_BY_FAMILY[
+        "moonshine_streaming"]["cpu"]  # the real auto list holds an exact 8-bit decoder
+    monkeypatch.setitem(gate.AUTO_BY_FAMILY["moonshine_streaming"], "cpu", ("int4", exact8))
     out = tmp_path / "out"
     export_bundle(ExportOptions(str(tiny_moonshine_dir), out, vad="none", quantize="auto",
                                 block_size=16, eval_windows=WINDOWS, min_agreement=0.9,
