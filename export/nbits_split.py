@@ -95,8 +95,9 @@ def split_8bit(model: onnx.ModelProto, accuracy_level: int = 1) -> int:
 
 
 def _repoint_gathers(model: onnx.ModelProto, split: dict[str, tuple[str, str]]) -> None:
-    """A quantized embedding Gather (`qgather`) reads rows of an 8-bit table: rebuild those same
-    bytes from the two 4-bit halves (16 * hi + lo), so the 8-bit table can go."""
+    """A quantized embedding Gather (`qgather`) reads rows of an 8-bit table and casts them to
+    float: rebuild those same values from the two 4-bit halves (16 * hi + lo, as float), so the
+    8-bit table can go."""
     g = model.graph
     for node in list(g.node):
         if node.op_type != "Gather" or node.input[0] not in split:
@@ -104,9 +105,13 @@ def _repoint_gathers(model: onnx.ModelProto, split: dict[str, tuple[str, str]]) 
         hi, lo = split[node.input[0]]
         b = _Builder(g, f"{node.input[0]}/split")
         axis = b.const("last", np.array([-1], np.int64))
-        high = b.op("BitShift", [_unpacked_rows(b, hi, node.input[1], axis),
-                                 b.const("by4", np.array(4, np.uint8))], direction="LEFT")
-        b.op("BitwiseOr", [high, _unpacked_rows(b, lo, node.input[1], axis)], node.output[0])
+        # in float (exact for 0..255): the Gather's readers cast its bytes to float anyway, and
+        # no operator beyond the int4 gather's own is needed
+        high = b.op("Mul", [b.op("Cast", [_unpacked_rows(b, hi, node.input[1], axis)],
+                                 to=onnx.TensorProto.FLOAT),
+                            b.const("by16", np.array(16, np.float32))])
+        low = b.op("Cast", [_unpacked_rows(b, lo, node.input[1], axis)], to=onnx.TensorProto.FLOAT)
+        b.op("Add", [high, low], node.output[0])
         at = list(g.node).index(node)
         g.node.remove(node)
         for k, n in enumerate(b.nodes):
