@@ -27,9 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moonshine_streaming import prepare  # noqa: E402  (the benchmark's own model builder)
-
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"
 CLIP = SPEECH / "beckett.wav"
 GRAPHS = ("encoder", "memory", "decoder")
@@ -86,6 +83,11 @@ def build(root: Path, size: str, block_size: int) -> tuple[dict[str, Path], int]
     """The fp32 bundle (parity-checked export) and every variant under `root`, reused when a
     previous run left them there; returns ({variant: folder}, parameter count)."""
     from edgestream.export.quantize import quantize_graphs
+
+    # the streaming benchmark's model builder; imported here, not at the top, so that the
+    # `--measure` processes never load torch (it would set their peak RSS)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from moonshine_streaming import prepare
 
     done = root / "done.json"
     if done.is_file():
