@@ -61,7 +61,6 @@ def split_8bit(model: onnx.ModelProto, accuracy_level: int = 1) -> int:
             continue
         table = node.input[1]
         u = numpy_helper.to_array(inits[table]).astype(np.uint8)  # [N, blocks, block]
-        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         n, blocks = u.shape[0], u.shape[1]
         hi, lo, zp = f"{table}_hi4", f"{table}_lo4", f"{table}_lo4_zero"
         g.initializer.extend([numpy_helper.from_array(_pack(u >> 4), hi),
