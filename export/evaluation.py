@@ -61,6 +61,7 @@ class VariantResult:
     size_mb: float
     step_ms: float
     encode_ms: float
+    block_step_diff: float | None = None  # moonshine: K-token passes vs one-token steps
     passed: bool = True
     reason: str = ""
 
@@ -197,7 +198,79 @@ class _WhisperProbe:
         return statistics.median(steps) * 1e3, statistics.median(enc) * 1e3
 
 
-class WhisperEvaluator:
+class _MoonshineProbe:
+    """Runs one moonshine_streaming bundle over the evaluation set: a window is streamed chunk by
+    chunk through the encoder (every frame once) and flushed, then decoded over that memory."""
+
+    def __init__(self, root: Path, threads: int) -> None:
+        from edgestream.runtime.api import Model
+        from edgestream.runtime.families.moonshine.engine import StreamingEncDecEngine
+
+        bundle = Bundle.open(root, SessionConfig("cpu", threads))
+        self.engine = StreamingEncDecEngine(bundle)
+        self.model = Model(bundle)
+        self.prompt = self.engine.prompt
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """The whole file streamed through the runtime (VAD, lines, finals), as a user would."""
+        return self.model.transcribe(audio, self.model.sample_rate)
+
+    def _encode(self, window: np.ndarray) -> None:
+        e = self.engine
+        e.reset()
+        for start in range(0, window.size, e.chunk):
+            piece = window[start: start + e.chunk]
+            if piece.size < e.chunk:  # the last partial chunk, zero-padded, its frames marked
+                frames = -(-piece.size // e.frame_samples)
+                e.push(np.pad(piece, (0, e.chunk - piece.size)), valid_frames=frames)
+            else:
+                e.push(piece)
+        e.flush()
+
+    def greedy(self, window: np.ndarray, max_new: int) -> list[int]:
+        self._encode(window)
+        return list(self.engine.decode(max_new=max_new, max_repeats=max_new).tokens)
+
+    def forced(self, window: np.ndarray, seq: list[int]) -> np.ndarray:
+        """Logits at every position of `seq` teacher-forced K tokens per pass (the runtime's
+        re-scoring), one token per step when the bundle has no K-token size."""
+        e = self.engine
+        self._encode(window)
+        k, out = e.block_size, []
+        for start in range(0, len(seq), k):
+            chunk = list(seq[start: start + k])
+            if k > 1:
+                out.append(e.block(chunk + [e.eos] * (k - len(chunk)), start)[: len(chunk)])
+            else:
+                out.append(np.stack([e.step(t, start + j) for j, t in enumerate(chunk)]))
+        return np.concatenate(out)
+
+    def block_vs_steps(self, window: np.ndarray, seq: list[int]) -> float | None:
+        """Max |logit| difference between K-token passes and one-token steps over `seq` (exact
+        re-scoring needs it within 1e-4); None without a K-token size."""
+        if self.engine.block_size <= 1:
+            return None
+        blocks = self.forced(window, seq)  # the steps below overwrite the same K/V rows
+        steps = np.stack([self.engine.step(t, i) for i, t in enumerate(seq)])
+        return float(np.abs(blocks - steps).max())
+
+    def latency(self, window: np.ndarray, runs: int = 5) -> tuple[float, float]:
+        """(median decoder step ms at position 8, median ms to stream the window through the
+        encoder and memory, flush included)."""
+        enc = []
+        for _ in range(max(1, runs // 2)):
+            t = time.perf_counter()
+            self._encode(window)
+            enc.append(time.perf_counter() - t)
+        steps = []
+        for _ in range(runs * 4):
+            t = time.perf_counter()
+            self.engine.step(self.prompt[0], 8)
+            steps.append(time.perf_counter() - t)
+        return statistics.median(steps) * 1e3, statistics.median(enc) * 1e3
+
+
+class Evaluator:
     """fp32 reference results computed once; `measure(variant)` gives a table row.
 
     Kept per window: fp32's greedy sequence and its argmax at every position; the full fp32
@@ -205,11 +278,12 @@ class WhisperEvaluator:
     because 300 windows x 35 positions x a 51864-word vocabulary would hold 2 GB."""
 
     DIFF_WINDOWS = 16
+    PROBE: type = _WhisperProbe
 
     def __init__(self, reference: Path, data: EvalSet, threads: int = 2,
                  max_new: int = 32) -> None:
         self.data, self.threads = data, threads
-        ref = _WhisperProbe(reference, threads)
+        ref = self.PROBE(reference, threads)
         self.prompt = list(ref.engine.prompt)
         self.sequences = [self.prompt + ref.greedy(w, max_new) for w in data.windows]
         self.ref_argmax: list[np.ndarray] = []
@@ -224,8 +298,8 @@ class WhisperEvaluator:
         self.reference = self.measure(reference, "fp32", {}, probe=ref)
 
     def measure(self, root: Path, name: str, plan: dict[str, str],
-                probe: _WhisperProbe | None = None) -> VariantResult:
-        probe = probe or _WhisperProbe(root, self.threads)
+                probe: _WhisperProbe | _MoonshineProbe | None = None) -> VariantResult:
+        probe = probe or self.PROBE(root, self.threads)
         p = len(self.prompt) - 1  # the first position whose argmax is a generated token
         agree = positions = identical = 0
         diff = 0.0
@@ -246,8 +320,29 @@ class WhisperEvaluator:
         wer = self.ref_wer if name == "fp32" else 100.0 * word_error_rate(
             refs, [probe.transcribe(c[1]) for c in self.data.clips])
         step_ms, enc_ms = probe.latency(self.data.windows[0])
+        rescoring = None
+        if hasattr(probe, "block_vs_steps"):  # the longest fp32 sequence of the first windows
+            seq = max(self.sequences[: self.DIFF_WINDOWS], key=len)
+            rescoring = probe.block_vs_steps(self.data.windows[self.sequences.index(seq)], seq)
         return VariantResult(name, plan, round(wer, 2), round(wer - self.ref_wer, 2),
                              round(agree / max(positions, 1), 4), identical,
                              len(self.data.windows), positions, diff,
                              round(_model_bytes(probe.engine.bundle) / 1e6, 2),
-                             round(step_ms, 3), round(enc_ms, 1))
+                             round(step_ms, 3), round(enc_ms, 1), rescoring)
+
+
+class WhisperEvaluator(Evaluator):
+    """Whisper: each window is one encoder pass (padded to 30 s), decoded over its output."""
+
+    PROBE = _WhisperProbe
+
+
+class MoonshineEvaluator(Evaluator):
+    """moonshine_streaming: each window streamed through encoder and memory, then decoded; the
+    row also carries the block-vs-step logit difference (exact re-scoring)."""
+
+    PROBE = _MoonshineProbe
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {"whisper": WhisperEvaluator,
+                                          "moonshine_streaming": MoonshineEvaluator}

@@ -4,13 +4,14 @@
 (`encoder=int8,decoder=int4`), `int8-encoder` (the audio side only), or `auto`: every candidate the
 target device runs is exported and measured, and the fastest within the WER budget ships. Each
 variant is built in its own folder from the fp32 export and measured against it
-(`evaluation.WhisperEvaluator`: WER, greedy-token agreement over a few hundred windows, max logit
-difference, size, latency). A variant passes when it loses at most `wer_budget` WER points and
+(`evaluation.WhisperEvaluator`, `evaluation.MoonshineEvaluator`: WER, greedy-token agreement
+over a few hundred windows, max logit difference, size, latency; for moonshine_streaming also the
+block-vs-step logit difference that exact re-scoring needs). A variant passes when it loses at most `wer_budget` WER points and
 keeps at least `min_agreement` of fp32's greedy tokens. The whole table goes into the manifest
 (`accuracy`) and is printed; if nothing passes, the export fails with the table and writes nothing.
 
-Families without an evaluator (moonshine_streaming so far) are held to the parity clips instead:
-identical greedy tokens on every clip.
+Families without an evaluator are held to the parity clips instead: identical greedy tokens on
+every clip.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ TARGETS = {"cpu": ("fp32", "int8", "int4", "int8-nbits", "int8-qdq"),
            "gpu": ("fp32", "fp16", "int4", "int8-nbits", "int8-qdq")}
 AUTO = {"cpu": ("int8", "encoder=int8,decoder=int4", "int4"),
         "gpu": ("fp16", "encoder=fp16,decoder=int4", "int8-qdq")}
+# moonshine_streaming re-scores its hypothesis in K-token passes: its CPU candidates add 8-bit
+# decoders with exact re-scoring (fp32 activations), and its memory graph is quantized too
+AUTO_BY_FAMILY = {"moonshine_streaming": {
+    "cpu": ("int8", "encoder=int8,memory=int8,decoder=int8-nbits",
+            "encoder=int8,memory=int8,decoder=int4", "int4"),
+    "gpu": ("fp16", "encoder=fp16,memory=fp16,decoder=int4", "int8-qdq")}}
 TYPICAL_STEPS = 32  # decoder steps per window, to rank variants by speed
 
 
@@ -86,18 +93,25 @@ def check_quantize_option(opts: Any) -> None:
     if opts.eval_audio is not None and not (Path(opts.eval_audio) / "refs.tsv").is_file():
         raise ExportError(f"{Path(opts.eval_audio) / 'refs.tsv'}: --eval-audio needs a folder "
                           "with refs.tsv (file, tab, reference text per line)")
+    if opts.eval_audio is not None:  # a missing or unreadable clip fails now, not after export
+        from edgestream.export.evaluation import load_eval_set
+
+        load_eval_set(Path(opts.eval_audio), max_windows=1)
 
 
 def format_table(rows: list[dict]) -> str:
     """The accuracy table as aligned text."""
-    head = ("variant", "WER %", "dWER", "agree", "same win", "max dlogit", "MB", "step ms",
-            "enc ms", "ok")
+    head = ("variant", "WER %", "dWER", "agree", "same win", "max dlogit", "block-step", "MB",
+            "step ms", "enc ms", "ok")
     lines = [head]
     for r in rows:
+        rescoring = r.get("block_step_diff")
         lines.append((r["variant"], f"{r['wer']:.2f}", f"{r['wer_delta']:+.2f}",
                       f"{r['agreement']:.4f}", f"{r['identical_windows']}/{r['windows']}",
-                      f"{r['max_logit_diff']:.3g}", f"{r['size_mb']:.1f}", f"{r['step_ms']:.2f}",
-                      f"{r['encode_ms']:.0f}", "yes" if r["passed"] else f"no: {r['reason']}"))
+                      f"{r['max_logit_diff']:.3g}",
+                      "-" if rescoring is None else f"{rescoring:.2g}", f"{r['size_mb']:.1f}",
+                      f"{r['step_ms']:.2f}", f"{r['encode_ms']:.0f}",
+                      "yes" if r["passed"] else f"no: {r['reason']}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -127,15 +141,16 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     """Build and measure the requested variant(s) beside `fp32`; return the folder that ships
     (its manifest carries the table) or raise ParityError with the table."""
     graphs = [g["name"] for g in data["graphs"] if g["name"] != data.get("vad")]
-    specs = AUTO[opts.target] if opts.quantize == "auto" else (opts.quantize,)
+    auto = AUTO_BY_FAMILY.get(data["family"], AUTO)
+    specs = auto[opts.target] if opts.quantize == "auto" else (opts.quantize,)
     plans = [(spec, precision_plan(spec, graphs, opts.target)) for spec in specs]
     evaluator = None
-    if data["family"] == "whisper":
-        from edgestream.export.evaluation import (WhisperEvaluator, default_eval_dir,
-                                                  load_eval_set)
+    from edgestream.export.evaluation import EVALUATORS, default_eval_dir, load_eval_set
 
+    if data["family"] in EVALUATORS:
         folder = Path(opts.eval_audio) if opts.eval_audio else default_eval_dir()
-        evaluator = WhisperEvaluator(fp32, load_eval_set(folder, max_windows=opts.eval_windows))
+        evaluator = EVALUATORS[data["family"]](
+            fp32, load_eval_set(folder, max_windows=opts.eval_windows))
     rows, folders, manifests = [], {}, {}
     if evaluator is not None:
         rows.append(evaluator.reference.row())
@@ -177,4 +192,4 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     return folders[best["variant"]]
 
 
-__all__ = ["NBITS", "TARGETS", "AUTO", "precision_plan", "choose_variant", "format_table"]
+__all__ = ["NBITS", "TARGETS", "AUTO", "AUTO_BY_FAMILY", "precision_plan", "choose_variant", "format_table"]

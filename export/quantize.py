@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from edgestream.export.errors import ExportError
 from edgestream.export.onnx_export import (EXTERNAL_THRESHOLD, external_files, save_model,
                                            weight_bytes)
+from edgestream.export.nbits_split import split_8bit
 from edgestream.export.qgather import rewrite_tied_gathers
 from edgestream.runtime.bundle import sha256_file
 
@@ -39,11 +40,14 @@ PRECISIONS = {
     "int4": "4-bit weights in blocks (MatMulNBits); graphs run at several token counts (the "
             "decoder's step and block) keep fp32 activations, so a K-token block and one-token "
             "steps agree (exact re-scoring); others quantize activations to int8 per row",
-    "int8-nbits": "8-bit weights in blocks (MatMulNBits), activations quantized to int8 per row "
-                  "(block and step agree on small models, not at published width)",
+    "int8-nbits": "8-bit weights in blocks (MatMulNBits); graphs run at several token counts "
+                  "keep fp32 activations (each 8-bit weight as two exact 4-bit halves, the fast "
+                  "fp32-activation kernel), so block and step agree; others quantize "
+                  "activations to int8 per row",
     "int8-qdq": "static int8 in QDQ form for TensorRT: per-channel symmetric weights, symmetric "
                 "activation scales calibrated on speech (the fp32 bundle's own inputs while it "
-                "transcribes the calibration clips); fixed scales, so block and step agree",
+                "transcribes the calibration clips); fixed scales, so block and step agree on "
+                "small models (not bitwise: moonshine_streaming tiny at published width 1.2e-2)",
 }
 NBITS = {"int4": 4, "int8-nbits": 8}
 DEFAULT_BLOCK = 32
@@ -154,8 +158,10 @@ def _dynamic_int8(model: onnx.ModelProto, folder: Path, weight_type: str,
 # run at several token counts (a manifest `dims` axis: the decoder's step and block) therefore
 # keep fp32 activations in 4-bit: block and step then differ by fp32 rounding only (1.7e-6 there),
 # and the step is faster too (real tiny.en decoder, 2 threads, loaded machine: 16 ms vs 47 ms).
-# 8-bit weights have no fp32-activation kernel on x86 (the weight is dequantized on every call:
-# 1.4 s per step), so int8-nbits keeps int8 activations and is not exact at published width.
+# 8-bit weights have no fast fp32-activation kernel on x86 (the weight is dequantized on every
+# call: 1.4 s per step), so a multi-size int8-nbits graph stores each 8-bit weight as two exact
+# 4-bit halves run with fp32 activations (`nbits_split`): block and step agree (1.8e-6 on the
+# tiny decoder), the weights are the 8-bit values to the bit, the bytes the same count.
 ACCURACY_INT8_ACTIVATIONS = 4
 ACCURACY_FP32_ACTIVATIONS = 1
 
@@ -216,8 +222,9 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
     gathers rewritten, sizes before/after, remaining fp32 MatMul weights}. `per_channel` (int8):
     scales each weight column apart (Whisper tiny.en encoder error 0.069 instead of 0.087
     relative RMS, for about 10 % more encoder time). `calibration` (int8-qdq): this graph's
-    recorded feeds (`calibration.record`). `exact_rows` (int4): the graph runs at several token
-    counts (step and block), so its activations stay fp32 (see ACCURACY_FP32_ACTIVATIONS)."""
+    recorded feeds (`calibration.record`). `exact_rows` (int4, int8-nbits): the graph runs at
+    several token counts (step and block), so its activations stay fp32 (see
+    ACCURACY_FP32_ACTIVATIONS; 8-bit weights as two 4-bit halves, `nbits_split`)."""
     if precision not in PRECISIONS or precision == "fp32":
         choices = ", ".join(p for p in PRECISIONS if p != "fp32")
         raise QuantizeError(f"{path}: precision {precision!r} is not one a graph can be "
@@ -244,11 +251,12 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
                                         "graph (export.calibration.record)")
                 model = _static_qdq(model, path.parent, calibration)
             else:
-                fp32_activations = exact_rows and NBITS[precision] == 4
                 model = _nbits(model, NBITS[precision], block_size,
-                               ACCURACY_FP32_ACTIVATIONS if fp32_activations else
+                               ACCURACY_FP32_ACTIVATIONS if exact_rows else
                                ACCURACY_INT8_ACTIVATIONS)
             gathers = rewrite_tied_gathers(model, tied)
+            if exact_rows and NBITS.get(precision) == 8:
+                split_8bit(model, ACCURACY_FP32_ACTIVATIONS)
     except QuantizeError:
         raise
     except Exception as e:  # onnxruntime's quantizers raise many internal types
@@ -339,5 +347,5 @@ def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[s
         entry["precision"] = precision
         if precision in NBITS:
             entry["block_size"] = block_size
-            entry["activations"] = "fp32" if multi_size and NBITS[precision] == 4 else "int8"
+            entry["activations"] = "fp32" if multi_size else "int8"
     return out

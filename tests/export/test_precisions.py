@@ -96,6 +96,37 @@ def test_embedding_gather_reads_the_quantized_projection(precision: str, tmp_pat
     assert 0 < err < (0.15 if precision == "int4" else 0.01)
 
 
+def test_exact_8bit_is_two_4bit_halves_of_the_same_weights(tmp_path: Path) -> None:
+    """int8-nbits in a graph run at several token counts: each 8-bit weight becomes two 4-bit
+    MatMulNBits with fp32 activations. The weights are the same 8-bit values (the tied gather
+    returns the same rows to the bit as onnxruntime's own 8-bit weight, and the projection the
+    same logits up to fp32 summation order), no 8-bit table is left, the weights take no more bytes."""
+    plain, split = tmp_path / "plain.onnx", tmp_path / "split.onnx"
+    _tied_graph(plain)
+    _tied_graph(split)
+    quantize_file(plain, "int8-nbits", block_size=16)
+    info = quantize_file(split, "int8-nbits", block_size=16, exact_rows=True)
+    assert info["quantized_gathers"] == 1 and info["fp32_matmul_weights"] == []
+    model = onnx.load(str(split))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert len(nbits) == 2 and all(a["bits"] == 4 and a["accuracy_level"] == 1 for a in attrs)
+    assert not [i for i in model.graph.initializer if i.name.endswith("_Q8")]
+    def weight_bytes(m: onnx.ModelProto) -> int:
+        return sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
+
+    assert weight_bytes(model) <= 1.05 * weight_bytes(onnx.load(str(plain)))
+    tok = np.array([[0, 7, 299, 7, 150]], np.int64)
+    x8, logits8 = _run(onnx.load(str(plain)), {"tok": tok})
+    x, logits = _run(model, {"tok": tok})
+    assert np.array_equal(x, x8)
+    # the plain graph quantizes its activations to int8 (accuracy level 4): compare with the
+    # fp32 product of the same 8-bit weights instead
+    w = _dequantized_by_ort(onnx.load(str(plain)))
+    np.testing.assert_allclose(logits[0], x8[0] @ w.T, rtol=0, atol=1e-4)
+    assert np.abs(logits - logits8).max() > 0  # and the plain one really is another kernel
+
+
 def _block_vs_steps(engine, seq: list[int]) -> float:  # type: ignore[no-untyped-def]
     k = engine.block_size
     block = engine.block(seq + [0] * (k - len(seq)), 0)[: len(seq)]
@@ -191,9 +222,16 @@ def test_bad_precisions_are_refused_before_export(tiny_whisper_dir: Path,
         precision_plan("decoder=fp16", graphs, "cpu")
     assert precision_plan("fp16", graphs, "gpu") == {"encoder": "fp16", "decoder": "fp16"}
     out = tmp_path / "b"
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "refs.tsv").write_text("broken.wav\tsome words\n")
+    (unreadable / "broken.wav").write_bytes(b"RIFF\0\0\0\0WAVEjunk")
     for opts, match in (({"quantize": "int3"}, "unknown precision"),
+                        ({"quantize": "fp16"}, "fp16 is not a precision the cpu target"),
                         ({"quantize": "int4", "block_size": 24}, "--block-size 24"),
-                        ({"quantize": "int8", "eval_audio": tmp_path}, "refs.tsv")):
+                        ({"quantize": "int8", "eval_audio": tmp_path}, "refs.tsv"),
+                        ({"quantize": "int8", "eval_audio": unreadable},
+                         r"broken\.wav: evaluation audio is unreadable")):
         with pytest.raises(ExportError, match=match):
             export_bundle(ExportOptions(str(tiny_whisper_dir), out, **opts))
         assert not out.exists() and not list(tmp_path.glob(".b.*"))
@@ -293,13 +331,13 @@ def _published_width_stack(path: Path, width: int = 320, layers: int = 6, vocab:
               str(path))
 
 
-def test_block_and_step_agree_at_published_width(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["int4", "int8-nbits"])
+def test_block_and_step_agree_at_published_width(precision: str, tmp_path: Path) -> None:
     """Per-row int8 activations (MatMulNBits accuracy level 4) are not enough at published width:
     the fp32 operators in between round differently for 1 and 16 rows, an activation on an int8
     rounding boundary moves a whole step, and depth amplifies it (measured on moonshine_streaming
-    tiny: 1.7e-2). A graph run at several token counts keeps fp32 activations in int4, and its
-    16-row block and 16 single rows then agree within 1e-4."""
-    precision = "int4"
+    tiny: 1.7e-2). A graph run at several token counts keeps fp32 activations (int8-nbits: as
+    two 4-bit halves), and its 16-row block and 16 single rows then agree within 1e-4."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 16, 320)).astype(np.float32)
     mix = (rng.standard_normal((320, 320)) / np.sqrt(320)).astype(np.float32)
