@@ -34,7 +34,8 @@ class ReplyState:
 class Conversation:
     """The LM side of a responder; used from one thread at a time."""
 
-    def __init__(self, lm: LanguageModel, system_prompt: str, max_reply_tokens: int) -> None:
+    def __init__(self, lm: LanguageModel, system_prompt: str, max_reply_tokens: int,
+                 snapshot_bytes: int | None = None) -> None:
         if not isinstance(max_reply_tokens, int) or max_reply_tokens < 1:
             raise OptionError(f"max_reply_tokens={max_reply_tokens!r}: give a whole number >= 1")
         self.lm = lm
@@ -54,7 +55,8 @@ class Conversation:
                 f"{lm.spec.kv_slots} KV slots and a reply margin of {margin}: at most {room} "
                 "tokens can be pinned. Shorten --system-prompt, lower --max-reply-tokens, or "
                 "export the LM with more --kv-slots")
-        self.engine = LMEngine(lm, pinned=len(self.system_ids), margin=margin)
+        self.engine = LMEngine(lm, pinned=len(self.system_ids), margin=margin,
+                               snapshot_bytes=snapshot_bytes)
         self.reply: ReplyState | None = None
         self.inexact_rollbacks = 0
         self._start()

@@ -27,8 +27,14 @@ class Mark:
 class LMEngine:
     """One conversation's state over a shared `LanguageModel`."""
 
-    def __init__(self, lm: LanguageModel, pinned: int = 0, margin: int = 0) -> None:
+    def __init__(self, lm: LanguageModel, pinned: int = 0, margin: int = 0,
+                 snapshot_bytes: int | None = None) -> None:
         self.lm = lm
+        # bytes of recurrent-state snapshots kept for rollback (see `_save`)
+        self.snapshot_bytes = self.SAVED_BYTES if snapshot_bytes is None else snapshot_bytes
+        if self.snapshot_bytes < 0:
+            raise OptionError(f"snapshot budget {snapshot_bytes} bytes is negative; give 0 "
+                              "(rollback re-reads the conversation) or more")
         self.spec = lm.spec
         self.kv = RingKV(lm.spec, pinned, margin)
         self.tokens: list[int] = []  # every token fed, by position
@@ -114,31 +120,50 @@ class LMEngine:
         return self.kv.truncate(position)
 
     SAVED = 64  # pass boundaries whose recurrent states are kept
-    SAVED_BYTES = 256 << 20  # and at most this many bytes of them (DeltaNet memories are MBs)
+    SAVED_BYTES = 256 << 20  # default byte budget of them (a real DeltaNet snapshot is ~60 MB)
+
+    @property
+    def snapshots_kept(self) -> int:
+        """How many snapshots the byte budget allows (at most SAVED; 0 when one is larger
+        than the budget)."""
+        size = max(1, sum(b.nbytes for b in self.recurrent.values()))
+        return min(self.SAVED, self.snapshot_bytes // size)
 
     def _save(self) -> None:
+        """Snapshot the recurrent states at this pass boundary, within the byte budget.
+        Position 0 is never stored: its state is all zeros. Fallback when the budget keeps
+        few or none: a rollback restores the nearest kept snapshot at or before the target (or
+        the zero state at position 0) and re-reads the known tokens from there, so a smaller
+        budget costs re-prefill time, never correctness."""
+        keep = self.snapshots_kept
+        if keep <= 0 or self.position == 0:
+            return
         self._saved[self.position] = {n: b.copy() for n, b in self.recurrent.items()}
-        size = max(1, sum(b.nbytes for b in self.recurrent.values()))
-        if len(self._saved) > max(8, min(self.SAVED, self.SAVED_BYTES // size)):
-            # thin out rather than forget the oldest (a rollback past it would be impossible,
-            # e.g. a discarded speculative reply of more passes than SAVED): drop the boundary
-            # whose removal leaves the smallest gap relative to its age, so the spacing grows
-            # with age and the re-feed after a rollback stays short for recent positions
+        if len(self._saved) > keep:
+            # thin out rather than forget the oldest (a rollback past it would re-read from
+            # 0, e.g. a discarded speculative reply of more passes than SAVED): drop the
+            # boundary whose removal leaves the smallest gap relative to its age, so the
+            # spacing grows with age and the re-feed after a rollback stays short for recent
+            # positions
             p = sorted(self._saved)
+            if len(p) < 3:
+                del self._saved[p[0]]
+                return
             now = self.position + 1
             score = [(p[i + 1] - p[i - 1]) / (now - p[i]) for i in range(1, len(p) - 1)]
             del self._saved[p[1 + int(np.argmin(score))]]
 
     def _rollback_recurrent(self, position: int) -> bool:
         back = [p for p in self._saved if p <= position]
-        if not back:
-            raise ValueError(f"cannot roll back to {position}: no saved state that early")
-        base = max(back)
+        base = max(back, default=0)
         replay = self.tokens[base:position]
         for p in [p for p in self._saved if p > base]:
             del self._saved[p]
-        for name, value in self._saved.pop(base).items():
-            self.recurrent[name] = value
+        if base in self._saved:
+            for name, value in self._saved.pop(base).items():
+                self.recurrent[name] = value
+        else:  # the start of the conversation: states are zeros there
+            self.recurrent = {n: np.zeros_like(b) for n, b in self.recurrent.items()}
         del self.tokens[base:]
         exact = self.kv.truncate(base)
         self.last_logits = np.zeros_like(self.last_logits)

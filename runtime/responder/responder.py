@@ -47,6 +47,10 @@ class ResponderOptions:
     pause_ms: int = 200
     speculative: bool = True
     threaded: bool = True
+    # bytes of recurrent-state snapshots kept for rollback (hybrid models: qwen3_5 and the like,
+    # ~60 MB each at real size); None: 256 MB. Fewer snapshots only mean a longer re-read
+    # after a rollback (from the nearest kept one, or from the start), never other tokens.
+    snapshot_bytes: int | None = None
 
 
 class _Worker:
@@ -206,7 +210,7 @@ class Responder:
         if "speculate_ms" not in stream_options:
             stream_options["speculate_ms"] = o.pause_ms
         self.stream = model.stream(**stream_options)
-        self.conv = Conversation(lm, o.system_prompt, o.max_reply_tokens)
+        self.conv = Conversation(lm, o.system_prompt, o.max_reply_tokens, o.snapshot_bytes)
         self.worker = _Worker(self.conv, o.threaded, lambda: self.stream.gate.now)
         self._finals: list[str] = []  # lines of the current turn closed mid-speech
         self._confirmed = ""

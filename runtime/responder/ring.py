@@ -99,6 +99,19 @@ class RingKV:
     def write(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
         """Keep the rows of the `len(positions)` real tokens of a pass (padding is dropped)."""
         n = positions.size
+        first = int(positions[0])
+        s0 = self.pinned + (first - self.pinned) % (self.slots - self.pinned)
+        consecutive = int(positions[-1]) - first == n - 1
+        if first >= self.pinned and s0 + n <= self.slots and consecutive:
+            # the common case (every step, chunks that do not wrap): consecutive positions to
+            # consecutive slots, no index arithmetic (this runs once per decoded token)
+            self._fit(s0 + n - 1)
+            at = slice(s0, s0 + n)
+            for k, v, nk, nv in self.spec.kv:
+                self.buffers[k][0, :, at] = outputs[nk][0, :, :n]
+                self.buffers[v][0, :, at] = outputs[nv][0, :, :n]
+            self.slot_pos[at] = positions
+            return
         keep = np.arange(max(0, n - (self.slots - self.pinned)), n)  # a pass longer than the ring
         keep = np.union1d(keep, np.flatnonzero(positions < self.pinned))
         slots = self.slot_of(positions[keep])

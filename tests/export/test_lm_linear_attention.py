@@ -123,6 +123,46 @@ def test_rollback_past_many_passes(hybrid: tuple[str, Path, Path, dict]) -> None
     assert np.abs(ours - ref).max() < 1e-3
 
 
+@pytest.mark.parametrize("snapshots", [0, 2])
+def test_snapshot_byte_budget_falls_back_to_re_reading(hybrid: tuple[str, Path, Path, dict],
+                                                     snapshots: int) -> None:
+    """A byte budget of 0 or 2 snapshots (a real qwen3_5's ~60 MB each would not fit 8 on a
+    small device): the memory held stays within it, and rolling back past every kept snapshot
+    re-reads from the start (zero states) with the same logits as transformers' forward."""
+    from edgestream.runtime.responder.engine import LMEngine
+    from edgestream.runtime.responder.lm import load_lm
+
+    _, folder, bundle, _ = hybrid
+    lm = load_lm(bundle, provider="cpu")
+    ids = np.random.default_rng(9).integers(10, 49000, 50).tolist()
+    probe = LMEngine(lm)
+    one = sum(b.nbytes for b in probe.recurrent.values())
+    engine = LMEngine(lm, margin=32, snapshot_bytes=snapshots * one + one // 2)
+    assert engine.snapshots_kept == snapshots
+    engine.feed(ids[:12])
+    mark = engine.mark()
+    for t in ids[12:40]:
+        engine.feed([t])
+    assert len(engine._saved) <= snapshots
+    assert sum(b.nbytes for s in engine._saved.values() for b in s.values()) <= \
+        engine.snapshot_bytes
+    assert engine.rollback(mark)
+    assert engine.position == 12
+    ours = engine.feed(ids[40:], all_logits=True)
+    with torch.no_grad():
+        ref = _hf(folder)(torch.tensor([ids[:12] + ids[40:]])).logits[0, 12:].numpy()
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_negative_snapshot_budget_is_refused(hybrid: tuple[str, Path, Path, dict]) -> None:
+    from edgestream.runtime.errors import OptionError
+    from edgestream.runtime.responder.engine import LMEngine
+    from edgestream.runtime.responder.lm import load_lm
+
+    with pytest.raises(OptionError, match="snapshot budget"):
+        LMEngine(load_lm(hybrid[2], provider="cpu"), snapshot_bytes=-1)
+
+
 def test_deltanet_pass_equals_per_token_recurrence() -> None:
     """The exportable pass (one closed-form chunk per pass) against transformers' per-token
     reference, carried across passes of 32, 1 and 5 tokens; also with nearly parallel keys and
