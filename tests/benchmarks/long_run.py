@@ -2,7 +2,8 @@
 
 The stream is Whisper tiny.en's (exported when missing) or any bundle given by --bundle.
 
-Run: `.venv/bin/python tests/benchmarks/long_run.py [--hours 2]` (`--hours 0.1` as a smoke test).
+Run: `.venv/bin/python tests/benchmarks/long_run.py [--hours 2] [--option step_ms=2000]`
+(`--hours 0.1` as a smoke test; `--option KEY=VALUE` sets a stream option).
 
 The audio is the clips of tests/data/speech/refs.tsv, each followed by --silence-s of silence,
 repeated ("passes") until --hours is reached (whole clips); it is generated clip by clip, never
@@ -138,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--whisper", "--bundle", dest="whisper", type=Path, default=S.DEFAULT_WHISPER,
                     help="the bundle streamed (any family; Whisper tiny.en exported when missing)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a stream option (JSON value), e.g. step_ms=2000: a coarser partial "
+                         "cadence makes hours of Whisper audio affordable on a small CPU")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    try:
+        options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    except ValueError:
+        ap.error("--option takes KEY=VALUE with a JSON value, e.g. step_ms=2000")
     if args.hours <= 0 or args.every_min <= 0 or args.stats_every_s <= 0:
         ap.error("--hours, --every-min and --stats-every-s must be positive")
     import logging
@@ -160,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: load average {S.load_avg()}; {len(clips)} clips, one pass {pass_s:.1f} s; "
           f"{total_s:.0f} s of audio asked ({total_s / pass_s:.2f} passes); VmRSS after "
           f"{warmup_s / 60:.2f} min, then every {every_s / 60:.2f} min of audio"
-          + (" (shrunk for this short run)" if scaled else ""), flush=True)
+          + (" (shrunk for this short run)" if scaled else "")
+          + (f"; stream options {options}" if options else ""), flush=True)
     model = S.load_model(S.whisper_bundle(args.whisper), args.threads)
 
     # the reference pass: lines per clip in a fresh stream
     t = time.perf_counter()
-    ref = model.stream()
+    ref = model.stream(**options)
     one = np.concatenate([np.concatenate([c, np.zeros(int(args.silence_s * S.RATE),
                                                       np.float32)]) for c in clips])
     events = S.feed_file_pace(ref, one)
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     del ref, events
 
     source = ClipCycle(clips, args.silence_s, total_s, rss_at)
-    stream = model.stream()
+    stream = model.stream(**options)
     sinks = recording_sinks()
     t = time.perf_counter()
     try:
