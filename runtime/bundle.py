@@ -8,11 +8,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from edgestream.runtime.errors import BundleError
 from edgestream.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from edgestream.runtime.session import GraphSession, SessionConfig
+from edgestream.runtime.token_table import BundleTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class Bundle:
     manifest: Manifest
     sessions: dict[str, GraphSession]
     tokenizer_path: Path
-    tokenizer: Tokenizer
+    tokenizer: BundleTokenizer
 
     @classmethod
     def open(cls, root: Path, config: SessionConfig | None = None) -> "Bundle":
@@ -66,11 +65,8 @@ class Bundle:
                               "is missing; re-export the bundle")
         if manifest.tokenizer.sha256:
             _check_file(tok, manifest.tokenizer.sha256, "tokenizer", "tokenizer file")
-        try:
-            tokenizer = Tokenizer.from_file(str(tok))
-        except Exception as e:  # tokenizers raises its own exception type
-            raise BundleError(f"{tok}: not a readable tokenizers file ({e}); re-export the "
-                              "bundle") from e
+        # a compact id -> bytes table; the full tokenizers.Tokenizer only when text is encoded
+        tokenizer = BundleTokenizer(tok)
         cfg = config or SessionConfig()
         # the Silero VAD graph is tiny and runs every chunk: on a GPU its launches and copies
         # would cost more than its compute, so it stays on the CPU
