@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from array import array
 from bisect import bisect_left
-from itertools import accumulate
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,13 +52,16 @@ class TokenTable:
     def __init__(self, tokens: dict[int, str], special: set[int]) -> None:
         table = _byte_translation()
         size = max(tokens) + 1 if tokens else 0
-        texts = [tokens.get(i, "") for i in range(size)]
-        pieces = [_token_bytes(t, table) for t in texts]
-        encoded = [t.encode("utf-8") for t in texts]
-        self._bytes = b"".join(pieces)
-        self._texts = b"".join(encoded)
-        self._at = array("q", accumulate(map(len, pieces), initial=0))
-        self._text_at = array("q", accumulate(map(len, encoded), initial=0))
+        # built piece by piece into two buffers: no per-token lists beside the parsed file
+        blob, texts = bytearray(), bytearray()
+        self._at, self._text_at = array("q", [0]), array("q", [0])
+        for i in range(size):
+            t = tokens.get(i, "")
+            blob += _token_bytes(t, table)
+            texts += t.encode("utf-8")
+            self._at.append(len(blob))
+            self._text_at.append(len(texts))
+        self._bytes, self._texts = bytes(blob), bytes(texts)
         self._known = bytes(int(i in tokens) for i in range(size))
         self._special = frozenset(special)
 
@@ -103,6 +105,7 @@ def read_token_table(path: Path) -> TokenTable | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         model = data["model"]
+        model.pop("merges", None)  # half the parse; decoding needs none of it
         decoder = data.get("decoder") or {}
         added = data.get("added_tokens") or []
         if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
