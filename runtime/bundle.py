@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from edgestream.runtime.errors import BundleError
-from edgestream.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from edgestream.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, load_manifest
+from edgestream.runtime.memory import return_large_blocks
 from edgestream.runtime.session import GraphSession, SessionConfig
+from edgestream.runtime.token_table import BundleTokenizer
 
 log = logging.getLogger(__name__)
+
+# Graphs that run once per long window with large activations: their CPU arena hands its free
+# blocks back after each run (`GraphSession`'s `shrink_arena`), so the encoder's activations
+# (about 34 MB for Whisper tiny.en) are not resident beside the decoder's.
+SELDOM_RUN: dict[str, tuple[str, ...]] = {"whisper_window": ("encoder",)}
 
 
 def sha256_file(path: Path) -> str:
@@ -44,7 +50,7 @@ class Bundle:
     manifest: Manifest
     sessions: dict[str, GraphSession]
     tokenizer_path: Path
-    tokenizer: Tokenizer
+    tokenizer: BundleTokenizer
 
     @classmethod
     def open(cls, root: Path, config: SessionConfig | None = None) -> "Bundle":
@@ -66,17 +72,41 @@ class Bundle:
                               "is missing; re-export the bundle")
         if manifest.tokenizer.sha256:
             _check_file(tok, manifest.tokenizer.sha256, "tokenizer", "tokenizer file")
-        try:
-            tokenizer = Tokenizer.from_file(str(tok))
-        except Exception as e:  # tokenizers raises its own exception type
-            raise BundleError(f"{tok}: not a readable tokenizers file ({e}); re-export the "
-                              "bundle") from e
+        return_large_blocks()  # before the large transients of parsing and loading
+        # a compact id -> bytes table; the full tokenizers.Tokenizer only when text is encoded
+        tokenizer = BundleTokenizer(tok)
         cfg = config or SessionConfig()
         # the Silero VAD graph is tiny and runs every chunk: on a GPU its launches and copies
-        # would cost more than its compute, so it stays on the CPU
-        sessions = {g.name: GraphSession(root / g.file, g,
-                                         cfg.on_cpu() if g.name == manifest.vad else cfg)
-                    for g in manifest.graphs}
+        # would cost more than its compute, so it stays on the CPU. Its session opens on first
+        # use (a stream with vad silero): whole-file transcription never runs it.
+        vad = {g.name: g for g in manifest.graphs if g.name == manifest.vad}
+        sessions = LazySessions(root, vad, cfg.on_cpu())
+        seldom = SELDOM_RUN.get(manifest.pipeline, ())
+        for g in manifest.graphs:
+            if g.name != manifest.vad:
+                sessions[g.name] = GraphSession(root / g.file, g, cfg,
+                                                shrink_arena=g.name in seldom)
         log.info("bundle %s: %s/%s, %d graphs, %d states", root, manifest.family,
                  manifest.pipeline, len(manifest.graphs), len(manifest.states))
         return cls(root, manifest, sessions, tok, tokenizer)
+
+
+class LazySessions(dict):
+    """Graph name -> GraphSession; the graphs in `lazy` open on first lookup by name (`[]`).
+    Until then they are not in the mapping (`in`, iteration and `get` do not see them)."""
+
+    def __init__(self, root: Path, lazy: dict[str, GraphSpec], config: SessionConfig) -> None:
+        super().__init__()
+        self._root, self._lazy, self._config = root, lazy, config
+        self._lock = threading.Lock()
+
+    def __missing__(self, name: str) -> GraphSession:
+        with self._lock:
+            if name in self:  # another thread opened it meanwhile
+                return dict.__getitem__(self, name)
+            spec = self._lazy.get(name)
+            if spec is None:
+                raise KeyError(name)
+            session = GraphSession(self._root / spec.file, spec, self._config)
+            self[name] = session
+            return session

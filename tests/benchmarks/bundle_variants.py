@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     base_t, base_rss = statistics.median(times[CT2]), rss[CT2]
     print(f"Whisper {args.model}, {len(HUMAN)} human clips ({sum(a.size for a in audio) / 16000:.0f} s),"
           f" {args.threads} threads, medians of {args.runs} (time) and {args.runs} fresh processes"
-          f" (peak RSS, {RSS_CLIP})")
+          f" (peak RSS, {RSS_CLIP}); load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'engine':28} {'MB':>7} {'RSS MB':>7} {'xCT2':>5} {'time s':>7} {'xCT2':>5} "
           f"{'WER %':>6}")
     for name in engines:

@@ -113,3 +113,31 @@ def test_device_modules_import_only_stdlib_and_numpy(module: str) -> None:
             roots.add(node.module.split(".")[0])
     allowed = set(sys.stdlib_module_names) | {"numpy", "edgestream"}
     assert roots <= allowed, roots - allowed
+
+
+@pytest.mark.parametrize("piece", [7, 250, 999])
+def test_pieces_equal_the_whole_window(piece: int) -> None:
+    """The STFT a piece of frames at a time (and the padding's skipped frames) gives the numbers
+    of one whole-window pass, on real speech and on a window with no padding at all."""
+    whole, pieces = WhisperLogMel(), WhisperLogMel()
+    whole.PIECE_FRAMES = whole.n_frames  # one piece: the whole window at once
+    pieces.PIECE_FRAMES = piece
+    two_cities = to_mono(read_wav(speech_dir() / "two_cities.wav").samples)
+    for name, audio in _clips() + [("two_cities[:31s]", two_cities[: 31 * 16000])]:
+        np.testing.assert_allclose(pieces(audio), whole(audio), atol=1e-5, err_msg=name)
+
+
+def test_transient_memory_is_bounded() -> None:
+    """A full 30 s window allocates a few MB at most (the whole-window STFT took ~30 MB at the
+    transcribing process's peak)."""
+    import tracemalloc
+
+    mel = WhisperLogMel()
+    audio = to_mono(read_wav(speech_dir() / "two_cities.wav").samples)[: 30 * 16000]
+    tracemalloc.start()
+    try:
+        mel(audio)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB"

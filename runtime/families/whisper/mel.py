@@ -29,10 +29,15 @@ class WhisperLogMel:
         n_fft: STFT size and window length in samples.
         sample_rate: sampling rate the audio is at, in Hz.
 
+    The STFT runs `PIECE_FRAMES` frames at a time (bounded transient memory); frames wholly in
+    the zero padding skip it.
+
     Raises:
         ValueError: a parameter is not a positive integer, or ``n_samples`` is shorter than
             ``n_fft`` (reflect padding needs that much signal).
     """
+
+    PIECE_FRAMES = 250
 
     def __init__(
         self,
@@ -83,18 +88,30 @@ class WhisperLogMel:
         padded[:half] = padded[2 * half : half : -1]
         padded[tail:] = padded[tail - 2 : tail - 2 - half : -1]
 
-        # Only the first n_frames frames: the extractor computes one more and drops it.
+        # Only the first n_frames frames (the extractor computes one more and drops it), a piece
+        # of frames at a time: the frames, spectrum and power of a whole 30 s window would be
+        # ~30 MB of transients at the process's peak, a piece's are under 1 MB.
+        log_spec = np.empty((self.n_frames, self.n_mels), dtype=np.float32)
         step = padded.strides[0]
-        shape, strides = (self.n_frames, self.n_fft), (self.hop * step, step)
-        frames = as_strided(padded, shape=shape, strides=strides)
-        spectrum = np.fft.rfft(frames * self.window, axis=1)  # complex64 on numpy >= 2
-        power = spectrum.real**2 + spectrum.imag**2  # [frames, bins]
-        # [frames, bins] @ [bins, n_mels] keeps both operands contiguous for BLAS; (filters @
-        # power.T) gives the same numbers several times slower.
-        mel = power @ self.mel_filters
-        log_spec = np.log10(np.maximum(mel, np.float32(1e-10)))
-        log_spec = np.maximum(log_spec, log_spec.max() - np.float32(8.0))
-        log_spec = (log_spec + np.float32(4.0)) / np.float32(4.0)
+        silent = np.log10(np.float32(1e-10))  # what an all-zero frame comes to
+        for first in range(0, self.n_frames, self.PIECE_FRAMES):
+            count = min(self.PIECE_FRAMES, self.n_frames - first)
+            lo = first * self.hop
+            hi = lo + (count - 1) * self.hop + self.n_fft
+            if not padded[lo:hi].any():  # the window's padding: no FFT needed
+                log_spec[first: first + count] = silent
+                continue
+            frames = as_strided(padded[lo:], shape=(count, self.n_fft),
+                                strides=(self.hop * step, step))
+            spectrum = np.fft.rfft(frames * self.window, axis=1)  # complex64 on numpy >= 2
+            power = spectrum.real**2 + spectrum.imag**2  # [frames, bins]
+            # [frames, bins] @ [bins, n_mels] keeps both operands contiguous for BLAS; (filters
+            # @ power.T) gives the same numbers several times slower.
+            mel = power @ self.mel_filters
+            np.log10(np.maximum(mel, np.float32(1e-10)), out=log_spec[first: first + count])
+        np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
+        log_spec += np.float32(4.0)
+        log_spec /= np.float32(4.0)
         return np.ascontiguousarray(log_spec.T, dtype=np.float32)
 
 
