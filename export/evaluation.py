@@ -21,6 +21,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -185,17 +186,8 @@ class _WhisperProbe:
     def latency(self, window: np.ndarray, runs: int = 5) -> tuple[float, float]:
         """(median decoder step ms at position 8, median encoder window ms)."""
         e = self.engine
-        enc = []
-        for _ in range(max(1, runs // 2)):
-            t = time.perf_counter()
-            e.encode(window)
-            enc.append(time.perf_counter() - t)
-        steps = []
-        for _ in range(runs * 4):
-            t = time.perf_counter()
-            e.step(e.prompt[0], 8)
-            steps.append(time.perf_counter() - t)
-        return statistics.median(steps) * 1e3, statistics.median(enc) * 1e3
+        return (_median_ms(lambda: e.step(e.prompt[0], 8), runs * 4),
+                _median_ms(lambda: e.encode(window), max(1, runs // 2)))
 
 
 class _MoonshineProbe:
@@ -257,17 +249,8 @@ class _MoonshineProbe:
     def latency(self, window: np.ndarray, runs: int = 5) -> tuple[float, float]:
         """(median decoder step ms at position 8, median ms to stream the window through the
         encoder and memory, flush included)."""
-        enc = []
-        for _ in range(max(1, runs // 2)):
-            t = time.perf_counter()
-            self._encode(window)
-            enc.append(time.perf_counter() - t)
-        steps = []
-        for _ in range(runs * 4):
-            t = time.perf_counter()
-            self.engine.step(self.prompt[0], 8)
-            steps.append(time.perf_counter() - t)
-        return statistics.median(steps) * 1e3, statistics.median(enc) * 1e3
+        return (_median_ms(lambda: self.engine.step(self.prompt[0], 8), runs * 4),
+                _median_ms(lambda: self._encode(window), max(1, runs // 2)))
 
 
 class Evaluator:
@@ -346,3 +329,13 @@ class MoonshineEvaluator(Evaluator):
 
 EVALUATORS: dict[str, type[Evaluator]] = {"whisper": WhisperEvaluator,
                                           "moonshine_streaming": MoonshineEvaluator}
+
+
+def _median_ms(run: Callable[[], object], times: int) -> float:
+    """Median wall time of `run()` over `times` calls, in ms (the gate's latency columns)."""
+    took = []
+    for _ in range(times):
+        t = time.perf_counter()
+        run()
+        took.append(time.perf_counter() - t)
+    return statistics.median(took) * 1e3
