@@ -116,3 +116,49 @@ def test_a_timed_repetition_is_not_a_compression_failure() -> None:
     assert "compression" in judge(runaway, text, 0.0, rules).problems
     unsure = GreedyResult(tokens, True, (-1.5,) * 40, guarded_at=0)
     assert judge(unsure, text, 0.0, rules).problems == ("logprob",)
+
+
+def test_a_hallucination_in_the_context_does_not_breed(real_bundle: Path) -> None:
+    """An hour-long run once went wrong for minutes: a line hallucinated on a pause ("a") joined
+    the context, Whisper copied it into the next lines ("a a a a"), and those joined the context
+    too. Text that loops across lines, or that needed a hot fallback, clears the context."""
+    from edgestream.runtime.families.whisper.policy import _Said
+
+    stream = load(real_bundle, provider="cpu").stream()
+    policy = stream.gate.policy
+    tok = policy.tok
+
+    def said(text: str, start_s: float) -> _Said:
+        ids = tuple(tok.encode(" " + text, add_special_tokens=False).ids)
+        return _Said(ids, int(start_s * RATE), int((start_s + 0.4) * RATE))
+
+    # what the long run's context held: real lines, a tail hallucination, then "a" lines
+    policy._remember([said("Fail again.", 0.0), said("Fail better.", 0.6)], trusted=True)
+    kept = [policy._text(s.tokens) for s in policy.s.context]
+    assert kept == ["Fail again.", "Fail better."]  # ordinary text joins the context
+    for k in range(4):
+        policy._remember([said("a", 1.2 + 0.4 * k)], trusted=True)
+    assert len(policy.s.context) == 6  # four "a" in a row: not yet a loop (max_repeats 4)
+    policy._remember([said("a", 3.0)], trusted=True)
+    assert policy.s.context == []  # the fifth makes the loop: the context is cleared
+
+    # a line repeated across lines in bigger pieces, and a line that needed a hot fallback
+    sizes = []
+    for k in range(5):
+        policy._remember([said("He turned sharply and", 4.0 + k)], trusted=True)
+        sizes.append(len(policy.s.context))
+    assert sizes[-1] < 5 and any(b < a for a, b in zip(sizes, sizes[1:])), sizes  # cleared
+    policy._remember([said("ok", 9.0)], trusted=False)
+    policy._remember([said("It was the best of times,", 10.0)], trusted=True)
+    assert len(policy.s.context) == 1
+    policy._remember([said("it was the worst of times,", 11.0)], trusted=False)
+    assert policy.s.context == []
+
+    # and the words after a poisoned stretch come out right: feed a real clip into the stream
+    for k in range(8):
+        policy._remember([said("a", 0.4 * k)], trusted=True)
+    audio = to_mono(read_wav(speech_dir() / "arctic_a0007.wav").samples)
+    events = [e for i in range(0, audio.size, 2048) for e in stream.feed(audio[i: i + 2048],
+                                                                          RATE)]
+    text = " ".join(e.text for e in events + stream.finish() if e.type == "final")
+    assert word_error_rate([references()["arctic_a0007.wav"]], [text]) <= 0.1, text

@@ -23,6 +23,11 @@ _NEG = np.float32(-np.inf)
 def repeats_too_often(tokens: Sequence[int], max_repeats: int) -> bool:
     """True when the tail of `tokens` is one n-gram (n <= 8) repeated more than `max_repeats` times:
     the classic Whisper loop on silence or noise."""
+    return loop_start(tokens, max_repeats) is not None
+
+
+def loop_start(tokens: Sequence[int], max_repeats: int) -> int | None:
+    """Where the loop at the tail of `tokens` begins (see `repeats_too_often`), or None."""
     for n in range(1, 9):
         reps = max_repeats + 1
         if len(tokens) < n * reps:
@@ -30,8 +35,8 @@ def repeats_too_often(tokens: Sequence[int], max_repeats: int) -> bool:
         tail = list(tokens[-n:])
         if all(list(tokens[len(tokens) - n * (r + 1): len(tokens) - n * r]) == tail
                for r in range(reps)):
-            return True
-    return False
+            return len(tokens) - n * reps
+    return None
 
 
 class _SegmentLoopGuard:

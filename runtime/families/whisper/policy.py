@@ -11,6 +11,12 @@ later speech.
 While the line is open, every cadence the window is decoded with the line's committed tokens
 forced; LocalAgreement commits what two consecutive hypotheses agree on. A committed segment
 that Whisper closes with timestamps becomes a final on its own and joins the context.
+
+Context is only as good as the text in it: Whisper copies what it is conditioned on, so one
+hallucinated line ("a a a") in the context breeds more, and an hour of audio can run away for
+minutes. Text joins the context only when its decode passed the quality rules at or below
+the prompt-reset temperature (as offline), and the context is cleared when its text, read
+across lines, loops (a pattern spread over many short lines that no single line shows).
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ import numpy as np
 
 from edgestream.runtime.decode import GreedyResult
 from edgestream.runtime.families.whisper.agreement import LocalAgreement
-from edgestream.runtime.families.whisper.engine import WhisperEngine
+from edgestream.runtime.families.whisper.engine import WhisperEngine, loop_start
 from edgestream.runtime.families.whisper.transcribe import split_segments
 from edgestream.runtime.gate import Hypothesis, LineText
-from edgestream.runtime.quality import QualityRules, decode_with_fallback
+from edgestream.runtime.quality import QualityRules, compression_ratio, decode_with_fallback
 
 STEP = 320  # samples per Whisper timestamp step (20 ms)
 
@@ -36,7 +42,9 @@ class WhisperOptions:
     `preroll_ms`: audio kept before detected speech; `max_repeats`: loop guard;
     `tokens_per_second`: partial decode budget per second of line audio; `fallback`: decode a
     final that fails the quality rules again at rising temperatures. `language` (None: detect
-    it, multilingual bundles) and `task` (transcribe or translate to English)."""
+    it, multilingual bundles) and `task` (transcribe or translate to English).
+    `prompt_reset_temperature`: a final that needed a fallback above this temperature (or
+    failed every rule) is shown but clears the context instead of joining it, as offline."""
 
     step_ms: int = 500
     context_s: float = 10.0
@@ -46,6 +54,7 @@ class WhisperOptions:
     fallback: bool = True
     language: str | None = None
     task: str = "transcribe"
+    prompt_reset_temperature: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -121,9 +130,9 @@ class WhisperPolicy:
             end = self.s.start + segment.end_step * STEP
             self.agreement.trim(segment, shift=0)  # the buffer is kept: it is context now
             self.s.scores = self.s.scores[len(segment.tokens):]
-            self.s.context.append(_Said(segment.tokens, start, end))
             closed.append(LineText(self._text(segment.tokens), self.s.line_start or start, end))
             self.s.line_start = end
+            self._remember([_Said(segment.tokens, start, end)], trusted=True)
         confirmed = self._text(self.agreement.committed)
         return Hypothesis(tuple(closed), self._text(self.agreement.committed + tentative),
                           confirmed)
@@ -154,7 +163,8 @@ class WhisperPolicy:
                 text = tuple(t for t in rest if t < self.tb)
                 begin = self.s.start + opening * STEP if opening is not None else line_start
                 said.append(_Said(text, begin, end))
-        self.s.context += said
+        self._remember(said, trusted=judged.ok and
+                       judged.temperature <= self.options.prompt_reset_temperature)
         self.s.line_start = None
         self.s.scores = []
         self.agreement.reset()
@@ -193,6 +203,42 @@ class WhisperPolicy:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _remember(self, said: list[_Said], trusted: bool) -> None:
+        """Let finished text join the context, or clear the context (see the module's note).
+
+        Cleared as well when the context's text, read across its lines, holds an n-gram said
+        more than `max_repeats` times in a row or compresses like a loop: clearing costs a
+        line some conditioning, keeping a loop costs minutes of captions."""
+        if not trusted:
+            return self._clear_context()
+        tokens = self._context_text()
+        for item in said:
+            old = len(tokens)
+            tokens += [t for t in item.tokens if t < self.engine.eot]
+            self.s.context.append(item)
+            if self._loops(tokens, since=old) or \
+                    compression_ratio(self._text(tokens)) > self.rules.compression_ratio_max:
+                self._clear_context()
+                tokens = []
+
+    def _context_text(self) -> list[int]:
+        return [t for c in self.s.context for t in c.tokens if t < self.engine.eot]
+
+    def _loops(self, tokens: list[int], since: int, starting_before: int | None = None) -> bool:
+        """Whether a loop (`loop_start`) ends in `tokens[since:]`; with `starting_before`, only
+        one that begins before that index (a loop carried over from the context)."""
+        for end in range(since + 1, len(tokens) + 1):
+            start = loop_start(tokens[:end], self.options.max_repeats)
+            if start is not None and (starting_before is None or start < starting_before):
+                return True
+        return False
+
+    def _clear_context(self) -> None:
+        """Forget the context; an open line's window then starts at the line."""
+        self.s.context = []
+        if self.s.line_start is not None:
+            self._cut_front(self.s.line_start)
+
     def _word_start(self, token: int) -> bool:
         if token not in self._word_cache:
             piece = self.tok.id_to_token(token) or ""
@@ -219,6 +265,15 @@ class WhisperPolicy:
         without the forced context (its text still conditions the decoder, behind
         <|startofprev|>), so no line is lost to the context that should help it."""
         result = self._decode_with(temperature, forced_context=True)
+        if self.s.context:
+            context = self._context_text()
+            said = context + [t for t in self.agreement.committed + list(result.tokens)
+                              if t < self.engine.eot]
+            if self._loops(said, since=len(context), starting_before=len(context)):
+                # the line continues a loop of the context ("a" lines breeding "a a a a"):
+                # the context is poison, not help; read the line on its own
+                self._clear_context()
+                return self._decode_with(temperature, forced_context=True)
         if self.s.context and not self.agreement.committed and \
                 not any(t < self.engine.eot for t in result.tokens):
             result = self._decode_with(temperature, forced_context=False)
