@@ -10,9 +10,11 @@ place and nothing is copied. It writes at slot `seqlens_k + 1 - T` and attends s
 position order (compaction instead of a wrapping ring, runtime/responder/compact.py) and masks
 the rest (window, evicted sinks never exist) through `attention_bias [1, 1, T, total]`.
 
-RoPE stays outside the node (`RotaryEmbedding` over the absolute `position_ids`, on the 3-D
-projections): GroupQueryAttention's own rotary would use the slot index as the position, which
-compaction breaks. Keys are cached rotated, as in the row layout.
+RoPE is applied at the absolute `position_ids` (GroupQueryAttention's own rotary with its
+`position_ids` input when q, k and v come packed from one projection, as llama's do after
+`pack_parallel_matmuls`; `RotaryEmbedding` on the 3-D projections otherwise, e.g. qwen3's
+normed q/k): the slot index is not the position once compaction has moved rows. Keys are cached
+rotated, as in the row layout.
 
 This is a rewrite of the traced graph (export/lm/graphs.py) found by its graph inputs and
 outputs: per layer, the RoPE node producing `new_k_i`, the Transpose producing `new_v_i`, the
@@ -40,7 +42,7 @@ def _uses(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def to_group_query_attention(model: onnx.ModelProto, layers: list[int], num_heads: int,
-                             kv_heads: int, scale: float) -> bool:
+                             kv_heads: int, head_dim: int, scale: float) -> bool:
     """Rewrite, in place, the attention of `layers` (indices of `k_i`/`v_i`) to
     GroupQueryAttention; True when done. False (graph untouched) when any layer does not show
     the traced pattern."""
@@ -91,15 +93,40 @@ def to_group_query_attention(model: onnx.ModelProto, layers: list[int], num_head
             return [], r.input[0]
         return [helper.make_node("Reshape", [x, flat], [name], name=name)], name
 
+    def packed(xq: str, xk: str, xv: str) -> str | None:
+        """The packed q|k|v projection when q, k and v are the three parts of one Split of it
+        (read as 3-D straight from the Split): GroupQueryAttention then takes it whole."""
+        parts = [three_d(x, "")[1] for x in (xq, xk, xv)]
+        split = op(parts[0], "Split")
+        if split is None or list(split.output) != parts or len(split.input) < 2:
+            return None
+        sizes = next((numpy_helper.to_array(t) for t in g.initializer
+                      if t.name == split.input[1]), None)
+        d = head_dim
+        if sizes is None or sizes.tolist() != [num_heads * d, kv_heads * d, kv_heads * d]:
+            return None
+        return split.input[0]
+
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     for i, rope_q, xq, xk, xv, last in plans:
+        cos, sin = rope_q.input[2], rope_q.input[3]
+        attrs = {a.name: helper.get_attribute_value(a) for a in rope_q.attribute}
+        qkv = packed(xq, xk, xv)
+        if qkv is not None and not attrs.get("interleaved", 0):
+            # one node: rotary inside, at the absolute `position_ids` (not the slot index)
+            new_nodes[id(last)] = [helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", f"k_{i}", f"v_{i}", "seqlens_k", "total_sequence_length", cos,
+                 sin, "position_ids", "attention_bias"],
+                [last.output[0], f"present_k_{i}", f"present_v_{i}"], domain="com.microsoft",
+                num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
+                rotary_interleaved=0, name=f"gqa_{i}")]
+            continue
         nodes: list[onnx.NodeProto] = []
         q_pre, q3 = three_d(xq, f"gqa_q3_{i}")
         k_pre, k3 = three_d(xk, f"gqa_k3_{i}")
         v_pre, v3 = three_d(xv, f"gqa_v3_{i}")
         nodes += q_pre + k_pre + v_pre
-        cos, sin = rope_q.input[2], rope_q.input[3]
-        attrs = {a.name: helper.get_attribute_value(a) for a in rope_q.attribute}
         for src, name in ((q3, f"gqa_q_rot_{i}"), (k3, f"gqa_k_rot_{i}")):
             nodes.append(helper.make_node("RotaryEmbedding", [src, "position_ids", cos, sin],
                                           [name], domain="com.microsoft", name=name, **attrs))

@@ -192,7 +192,7 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         heads = cfg.num_attention_heads
         scale = float(getattr(parts.model.model.layers[0].self_attn, "scaling",
                               head_dim ** -0.5))
-        if to_group_query_attention(model, attention, heads, kv_heads, scale):
+        if to_group_query_attention(model, attention, heads, kv_heads, head_dim, scale):
             onnx.save(model, str(path))
             kv_layout = KV_LAYOUT_GQA
         else:
