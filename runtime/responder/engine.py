@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgestream.runtime.errors import OptionError
+from edgestream.runtime.responder.compact import CompactKV
 from edgestream.runtime.responder.lm import LanguageModel
 from edgestream.runtime.responder.ring import RingKV
 
@@ -36,7 +37,11 @@ class LMEngine:
             raise OptionError(f"snapshot budget {snapshot_bytes} bytes is negative; give 0 "
                               "(rollback re-reads the conversation) or more")
         self.spec = lm.spec
-        self.kv = RingKV(lm.spec, pinned, margin)
+        self.inplace = lm.spec.kv_layout == "gqa_inplace"
+        self.kv: RingKV | CompactKV = (CompactKV if self.inplace else RingKV)(lm.spec, pinned,
+                                                                               margin)
+        if self.inplace:
+            self._bound = _BoundPass(lm, self.kv)
         self.tokens: list[int] = []  # every token fed, by position
         self.passes = {"step": 0, "chunk": 0}
         self.recurrent = {name: np.zeros(shape, np.float32)
@@ -62,10 +67,15 @@ class LMEngine:
     def _pass(self, tokens: list[int], size: int) -> np.ndarray:
         n = len(tokens)
         start = self.position
-        positions = np.arange(start, start + n, dtype=np.int64)
         if start + size > self.spec.max_position:
             raise OptionError(f"position {start + size} is past the model's "
                               f"{self.spec.max_position} positions; start a new conversation")
+        if self.inplace:
+            logits = self._bound.run(tokens, start, size)
+            self.tokens += tokens
+            self.passes["step" if size == 1 else "chunk"] += 1
+            return logits
+        positions = np.arange(start, start + n, dtype=np.int64)
         padded = np.arange(start, start + size, dtype=np.int64)
         if self.recurrent:
             self._save()
@@ -101,7 +111,7 @@ class LMEngine:
             for i in range(0, len(tokens), k):
                 part = tokens[i:i + k]
                 outs.append(self._pass(part, 1 if len(part) == 1 else k))
-        logits = np.concatenate(outs)
+        logits = outs[0] if len(outs) == 1 else np.concatenate(outs)
         self.last_logits = logits[-1]
         return logits if all_logits else logits[-1]
 
@@ -183,3 +193,54 @@ class LMEngine:
             if len(out) < max_new:
                 logits = self.feed([token])
         return out
+
+
+class _BoundPass:
+    """One pass of a `gqa_inplace` graph through a reused IO binding: the caches are bound as
+    input and output (written in place), ids, positions, lengths and logits live in arrays
+    made once per pass size, so a decode step allocates nothing but the bias view."""
+
+    def __init__(self, lm: LanguageModel, kv: CompactKV) -> None:
+        import onnxruntime as ort
+
+        self.lm, self.kv = lm, kv
+        self.io = lm.session.session.io_binding()
+        self.seqlens = np.zeros(1, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.values: dict[int, tuple] = {}
+        for size in {1, lm.spec.chunk_tokens}:
+            ids = np.zeros((1, size), np.int64)
+            pos = np.zeros((1, size), np.int64)
+            logits = np.zeros((1, size, lm.spec.vocab), np.float32)
+            self.arrays[size] = (ids, pos, logits, np.arange(size, dtype=np.int64)[None])
+            self.values[size] = tuple(ort.OrtValue.ortvalue_from_numpy(a)
+                                      for a in (ids, pos, logits))
+        self._size = 0  # the pass size whose arrays are bound
+        self._lengths = (ort.OrtValue.ortvalue_from_numpy(self.seqlens),
+                         ort.OrtValue.ortvalue_from_numpy(self.total))
+        self.io.bind_ortvalue_input("seqlens_k", self._lengths[0])
+        self.io.bind_ortvalue_input("total_sequence_length", self._lengths[1])
+
+    def run(self, tokens: list[int], start: int, size: int) -> np.ndarray:
+        kv, io = self.kv, self.io
+        kv.prepare(start, size)
+        if kv.dirty:
+            kv.bind(io)
+        ids, pos, logits, steps = self.arrays[size]
+        if size != self._size:
+            ids_v, pos_v, logits_v = self.values[size]
+            io.bind_ortvalue_input("input_ids", ids_v)
+            io.bind_ortvalue_input("position_ids", pos_v)
+            io.bind_ortvalue_output("logits", logits_v)
+            self._size = size
+        n = len(tokens)
+        ids[0, :n] = tokens
+        ids[0, n:] = self.lm.spec.pad
+        np.add(steps, start, out=pos)
+        self.seqlens[0] = kv.fill + size - 1  # GQA writes at seqlens + 1 - size = fill
+        self.total[()] = kv.fill + size
+        io.bind_cpu_input("attention_bias", kv.bias(pos[0]))
+        self.lm.session.run_bound(io, size)
+        kv.written(pos[0, :n])
+        return logits[0, :n].copy()  # the array is the next pass's output

@@ -10,6 +10,10 @@ from edgestream.runtime.errors import BundleError
 from edgestream.runtime.manifest import MANIFEST_NAME, Manifest
 
 CHAT_PIECES = ("system_prefix", "after_system", "after_user", "after_assistant")
+# how the graph hands over KV rows (export/lm/gqa.py): `ring_rows`, the pass's new rows out, the
+# runtime writes them into a ring (bundles without the field use it); `gqa_inplace`, one
+# GroupQueryAttention per layer writes them into the buffer bound as input and output
+KV_LAYOUTS = ("ring_rows", "gqa_inplace")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class LMSpec:
     # slot-axis sizes the graph runs at, ascending, the last = kv_slots (a bundle whose slot
     # axis is static has only kv_slots)
     kv_buckets: tuple[int, ...] = ()
+    kv_layout: str = "ring_rows"
 
 
 def _int(obj: dict[str, Any], key: str, low: int = 1) -> int:
@@ -94,11 +99,19 @@ def parse_lm_spec(manifest: Manifest, where: str) -> LMSpec:
     if not isinstance(stop, list) or not stop or not all(isinstance(t, int) for t in stop):
         raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.stop must list the token ids that "
                           "end a reply")
+    layout = lm.get("kv_layout", "ring_rows")
+    if layout not in KV_LAYOUTS:
+        raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_layout {layout!r} is not a KV "
+                          f"layout this runtime knows ({', '.join(KV_LAYOUTS)}); update "
+                          "edgestream or re-export the bundle with this version")
+    if layout == "gqa_inplace" and recurrent:
+        raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_layout gqa_inplace with "
+                          "recurrent states is not supported; re-export the bundle")
     spec = LMSpec(kv_slots=_int(lm, "kv_slots", 2), chunk_tokens=_int(lm, "chunk_tokens", 2),
                   kv=tuple(kv), kv_shape=shape, vocab=_int(lm, "vocab"), stop=tuple(stop),
                   pad=_int(lm, "pad", 0), chat={p: chat[p] for p in CHAT_PIECES},
                   max_position=_int(lm, "max_position"), recurrent=tuple(recurrent),
-                  kv_buckets=_buckets(lm, where))
+                  kv_buckets=_buckets(lm, where), kv_layout=layout)
     if shape[2] != spec.kv_slots or manifest.graph("chunk").input("input_ids").shape[1] != \
             spec.chunk_tokens:
         raise BundleError(f"{where}/{MANIFEST_NAME}: extra.lm.kv_slots/chunk_tokens disagree "

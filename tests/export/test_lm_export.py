@@ -50,7 +50,7 @@ def test_ring_wrap_matches_transformers_own_mask(tiny_llama_dir: Path,
     ids = np.random.default_rng(3).integers(10, 49000, 150).tolist()
     engine = LMEngine(lm, pinned=2)
     w = engine.kv.window
-    assert w == 64 - 2 + 1
+    assert w == 64 - 2 + 1 - getattr(engine.kv, "slack", 0)  # compaction keeps slots free
     ours = np.concatenate([engine.feed(ids[i:i + 8], all_logits=True)
                            for i in range(0, len(ids), 8)])
     n = len(ids)
