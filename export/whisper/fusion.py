@@ -45,6 +45,7 @@ class FusionCounts:
 
     gelu: int
     attention: int
+    trimmed: int = 0  # self-attentions reading only the cache rows before `position`
 
 
 class _Graph:
@@ -302,9 +303,81 @@ def _drop_dead(model: onnx.ModelProto) -> None:
         g.value_info.remove(vi)
 
 
+POSITION = "position"  # the decoder's input: where this step's rows go in the cache
+
+
+def trim_cached_attention(model: onnx.ModelProto) -> int:
+    """Make each fused decoder self-attention read only the cache rows before `position`.
+
+    The decoder attends ``Concat(cache [1, H, T_max, Dh], own rows)`` under an additive mask
+    whose columns follow those keys; the cache rows at or after `position` are masked with
+    float32's lowest value (graphs.py), so their softmax weight is exactly 0. Slicing the cache
+    to ``[:position]`` and the mask's columns to ``[:position] + [T_max:]`` therefore computes
+    the same attention over `position` + T keys instead of T_max + T, and the concatenation copies
+    `position` rows instead of the whole cache every step. Returns the count."""
+    g = _Graph(model)
+    inputs = {i.name: i for i in model.graph.input}
+    if POSITION not in inputs:
+        return 0
+    dims = _static_dims(model)
+    trimmed_masks: dict[str, str] = {}
+    done = 0
+    for mha in [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]:
+        if len(mha.input) < 6 or not mha.input[5]:
+            continue
+        cats = [g.producer.get(mha.input[i]) for i in (1, 2)]
+        if any(c is None or c.op_type != "Concat" or _attr(c, "axis") != 2 or
+               len(c.input) != 2 or c.input[0] not in inputs for c in cats):
+            continue
+        rows = {(dims.get(c.input[0]) or [None] * 3)[2] for c in cats}
+        if len(rows) != 1 or None in rows:
+            continue
+        t_max = rows.pop()
+        names = {o for n in model.graph.node for o in n.output} | set(g.inits) | set(inputs)
+
+        def fresh(hint: str) -> str:
+            n = hint
+            while n in names:
+                n += "_"
+            names.add(n)
+            return n
+
+        def const(hint: str, values: list[int]) -> str:
+            name = fresh(hint)
+            model.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64),
+                                                                   name))
+            return name
+
+        new: list[onnx.NodeProto] = []
+        zero, two, three = const("trim/zero", [0]), const("trim/axis2", [2]),             const("trim/axis3", [3])
+        for c in cats:  # the cache before `position`, then this step's rows
+            kept = fresh(f"{c.input[0]}/before_position")
+            new.append(helper.make_node("Slice", [c.input[0], zero, POSITION, two], [kept],
+                                        name=fresh(f"{c.name}/trim")))
+            c.input[0] = kept
+        mask = mha.input[5]
+        if mask not in trimmed_masks:
+            cached, own, out = (fresh(f"{mask}/{x}") for x in ("cached", "own", "trimmed"))
+            big = const("trim/end", [np.iinfo(np.int64).max])
+            new += [helper.make_node("Slice", [mask, zero, POSITION, three], [cached],
+                                     name=fresh(f"{mask}/slice_cached")),
+                    helper.make_node("Slice", [mask, const("trim/t_max", [t_max]), big, three],
+                                     [own], name=fresh(f"{mask}/slice_own")),
+                    helper.make_node("Concat", [cached, own], [out], axis=3,
+                                     name=fresh(f"{mask}/trimmed"))]
+            trimmed_masks[mask] = out
+        mha.input[5] = trimmed_masks[mask]
+        at = min(list(model.graph.node).index(c) for c in cats)
+        for j, n in enumerate(new):
+            model.graph.node.insert(at + j, n)
+        done += 1
+    return done
+
+
 def fuse_model(model: onnx.ModelProto) -> FusionCounts:
-    """Both rewrites in place; declares the com.microsoft opset when anything was fused."""
-    counts = FusionCounts(gelu=fuse_gelu(model), attention=fuse_attention(model))
+    """All rewrites in place; declares the com.microsoft opset when anything was fused."""
+    gelu, attention = fuse_gelu(model), fuse_attention(model)
+    counts = FusionCounts(gelu, attention, trim_cached_attention(model) if attention else 0)
     if counts.gelu or counts.attention:
         _drop_dead(model)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
@@ -320,6 +393,6 @@ def fuse_file(path: Path) -> FusionCounts:
     counts = fuse_model(model)
     if counts.gelu or counts.attention:
         save_model(model, Path(path))
-    log.info("%s: %d GELU and %d attention(s) fused", Path(path).name, counts.gelu,
-             counts.attention)
+    log.info("%s: %d GELU and %d attention(s) fused, %d reading the cache up to position",
+             Path(path).name, counts.gelu, counts.attention, counts.trimmed)
     return counts

@@ -1,6 +1,8 @@
 """Whisper graphs rewritten onto onnxruntime's fused operators (export/whisper/fusion.py): the fused
 operators are really there, the fused graphs compute what the unfused ones do (onnxruntime runs
-both, tiny random Whisper), and an attention whose reshapes are not the head split is left alone."""
+both, tiny random Whisper; the decoder at several positions, its self-attention reading only the
+cache rows before `position`), and an attention whose reshapes are not the head split is left
+alone."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def test_fused_graphs_match_unfused(unfused: Path, tmp_path: Path) -> None:
     # 2 layers: encoder GELU after both convolutions and in both MLPs, both self-attentions;
     # decoder GELU in both MLPs, self- and cross-attention of both layers
     assert (enc.gelu, enc.attention, dec.gelu, dec.attention) == (4, 2, 2, 4)
+    assert (enc.trimmed, dec.trimmed) == (0, 2)  # decoder self-attention: cache up to position
     ops = {g: _ops(tmp_path / f"{g}.onnx") for g in ("encoder", "decoder")}
     assert ops["encoder"]["MultiHeadAttention"] == 2 and ops["encoder"]["Gelu"] == 4
     assert ops["decoder"]["MultiHeadAttention"] == 4 and ops["decoder"]["Gelu"] == 2
@@ -74,7 +77,9 @@ def test_fused_graphs_match_unfused(unfused: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(b, a, rtol=0, atol=2e-5 * max(1.0, float(np.abs(a).max())))
     plain, fused = _session(unfused / "decoder.onnx"), _session(tmp_path / "decoder.onnx")
     names = [o.name for o in plain.get_outputs()]
-    for tokens, position in ((1, 0), (1, 23), (16, 5)):  # the step, and the block
+    # the step and the block; the caches are random past `position` too, where the unfused
+    # graph masks them and the fused one must not read them
+    for tokens, position in ((1, 0), (1, 23), (1, 63), (16, 5), (16, 48)):
         feeds = _decoder_feeds(plain, tokens, position, rng)
         for name, a, b in zip(names, plain.run(None, feeds), fused.run(None, feeds)):
             if a.dtype.kind == "f":
