@@ -12,13 +12,15 @@ onnxruntime 1.32's own optimizer leaves two hot spots of the exported Whisper gr
   over the projected ``[1, S, D]`` tensors, whose CPU kernel tiles the softmax (flash attention)
   instead of storing the whole score matrix. The decoder's cross-attention over the cached
   ``[1, heads, 1500, head_dim]`` encoder keys and values becomes the same operator with its key
-  and value given in that head-split layout.
+  and value given in that head-split layout, and so does its self-attention over
+  ``Concat(cache, own rows)``, whose additive mask becomes the operator's attention bias; that
+  self-attention then reads only the cache rows before `position` (`trim_cached_attention`).
 
 An attention is rewritten only when every reshape/transpose between the projections and the
 MatMuls is proven to be exactly the head split (and the output chain exactly the head merge): the
 chain is replayed on an index tensor, so a graph the pattern does not describe is left alone rather
-than rewritten wrongly. Softmax must read the scores MatMul directly (no scale or mask in between),
-so the operator's scale is 1 (Whisper scales Q before the product).
+than rewritten wrongly. Softmax must read the scores MatMul directly or through one additive mask
+(no scale in between), so the operator's scale is 1 (Whisper scales Q before the product).
 """
 
 from __future__ import annotations
@@ -208,15 +210,14 @@ def fuse_attention(model: onnx.ModelProto) -> int:
                 pv.op_type != "MatMul" or pv.input[0] != soft.output[0] or \
                 g.sole_consumer(scores.output[0]) not in (soft, add if bias else None):
             continue
-        if bias is not None and not _bias_fits(dims.get(bias)):
-            continue
         q_shape = dims.get(scores.input[0])
         if not q_shape or len(q_shape) != 4 or None in (q_shape[1], q_shape[3]):
             continue
         heads, head_dim = q_shape[1], q_shape[3]
+        if bias is not None and not _bias_fits(dims.get(bias), heads):
+            continue
         q = _split_heads(g, dims, scores.input[0], heads, head_dim, (0, 2, 1, 3))
-        k_bnsh = _split_heads(g, dims, scores.input[1], heads, head_dim, (0, 2, 3, 1))
-        k = k_bnsh
+        k = _split_heads(g, dims, scores.input[1], heads, head_dim, (0, 2, 3, 1))
         if k is None:  # cached keys [B, H, S, Dh] transposed once for the product
             t = g.producer.get(scores.input[1])
             if t is not None and t.op_type == "Transpose" and \
@@ -241,9 +242,9 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     return done
 
 
-def _bias_fits(shape: list[int | None] | None) -> bool:
-    """MultiHeadAttention's attention_bias is `[B or 1, H or 1, S, total S]`."""
-    return shape is not None and len(shape) == 4
+def _bias_fits(shape: list[int | None] | None, heads: int) -> bool:
+    """MultiHeadAttention's attention_bias is `[1, H or 1, S, total S]` (batch 1 here)."""
+    return shape is not None and len(shape) == 4 and shape[0] == 1 and shape[1] in (1, heads)
 
 
 def fuse_gelu(model: onnx.ModelProto) -> int:
