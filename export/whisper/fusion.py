@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-
 from edgestream.export.attention_rows import _static_dims
+from onnx import helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +320,22 @@ def trim_cached_attention(model: onnx.ModelProto) -> int:
     if POSITION not in inputs:
         return 0
     dims = _static_dims(model)
+    names = {o for n in model.graph.node for o in n.output} | set(g.inits) | set(inputs)
+
+    def fresh(hint: str) -> str:
+        n = hint
+        while n in names:
+            n += "_"
+        names.add(n)
+        return n
+
+    def const(hint: str, values: list[int]) -> str:
+        name = fresh(hint)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+        return name
+
+    # unused ones are dropped with the dead nodes (`fuse_model`)
+    zero, two, three = const("trim/zero", [0]), const("trim/axis2", [2]), const("trim/axis3", [3])
     trimmed_masks: dict[str, str] = {}
     done = 0
     for mha in [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]:
@@ -334,23 +349,7 @@ def trim_cached_attention(model: onnx.ModelProto) -> int:
         if len(rows) != 1 or None in rows:
             continue
         t_max = rows.pop()
-        names = {o for n in model.graph.node for o in n.output} | set(g.inits) | set(inputs)
-
-        def fresh(hint: str) -> str:
-            n = hint
-            while n in names:
-                n += "_"
-            names.add(n)
-            return n
-
-        def const(hint: str, values: list[int]) -> str:
-            name = fresh(hint)
-            model.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64),
-                                                                   name))
-            return name
-
         new: list[onnx.NodeProto] = []
-        zero, two, three = const("trim/zero", [0]), const("trim/axis2", [2]),             const("trim/axis3", [3])
         for c in cats:  # the cache before `position`, then this step's rows
             kept = fresh(f"{c.input[0]}/before_position")
             new.append(helper.make_node("Slice", [c.input[0], zero, POSITION, two], [kept],

@@ -14,9 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from edgestream.export.whisper.fusion import fuse_file, fuse_model
+from onnx import TensorProto, helper, numpy_helper
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -66,8 +65,8 @@ def test_fused_graphs_match_unfused(unfused: Path, tmp_path: Path) -> None:
     ops = {g: _ops(tmp_path / f"{g}.onnx") for g in ("encoder", "decoder")}
     assert ops["encoder"]["MultiHeadAttention"] == 2 and ops["encoder"]["Gelu"] == 4
     assert ops["decoder"]["MultiHeadAttention"] == 4 and ops["decoder"]["Gelu"] == 2
-    for g in ops:  # nothing of the unfused patterns is left
-        assert ops[g]["Erf"] == 0 and ops[g]["Softmax"] == 0, (g, ops[g])
+    for g, count in ops.items():  # nothing of the unfused patterns is left
+        assert count["Erf"] == 0 and count["Softmax"] == 0, (g, count)
 
     rng = np.random.default_rng(0)
     mel = (rng.standard_normal((1, 80, 3000)) * 0.5).astype(np.float32)
