@@ -17,6 +17,7 @@ gives the expected lines per clip. Reported:
   passes whose count differs, WER per pass (first, last, worst);
 - periodic stats events: count vs floor(audio / --stats-every-s), their t strictly increasing,
   plus run_loop's closing stats event, and its figures (RTF, step percentiles).
+--json also keeps every final with its pass (`final_lines`), to read a bad pass afterwards.
 """
 
 from __future__ import annotations
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             rss=rss, growth_pct=growth, growth_max_pct=growth_max, finals=len(sinks.finals),
             expected=expected, differing_passes=differ, pass_wer=pass_wer, reasons=reasons,
             empty_finals=[f for f in sinks.finals if not f[2]],
+            # every final with its pass: a bad pass can be read line by line afterwards
+            final_lines=[(source.pieces[owner(source.pieces, (a + b) / 2)][0], a, b, text, why)
+                         for a, b, text, why in sinks.finals],
             periodic_stats=len(periodic), expected_stats=want_stats,
             closing_stats=last, counts=sinks.counts), indent=2, default=str), encoding="utf-8")
     return code
