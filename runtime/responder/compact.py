@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from edgestream.runtime.errors import OptionError
+from edgestream.runtime.responder.ring import NEG, regrow_kv
 from edgestream.runtime.responder.spec import LMSpec
-
-NEG = float(np.finfo(np.float32).min)
 
 
 class CompactKV:
@@ -57,18 +56,10 @@ class CompactKV:
         return self._size
 
     def _allocate(self, size: int) -> None:
-        """Buffers of `size` slots, keeping the rows of the old ones."""
-        shape = list(self.spec.kv_shape)
-        shape[2] = size
-        for k, v, _, _ in self.spec.kv:
-            for name in (k, v):
-                new = np.zeros(shape, np.float32)
-                old = self.buffers.get(name)
-                if old is not None:
-                    n = min(size, old.shape[2], self.fill)
-                    new[:, :, :n] = old[:, :, :n]
-                self.buffers[name] = new
-                self.values[name] = self._ort.OrtValue.ortvalue_from_numpy(new)
+        """Buffers of `size` slots, keeping the filled rows, and new OrtValues over them."""
+        regrow_kv(self.spec, self.buffers, size, keep=self.fill)
+        for name, buffer in self.buffers.items():
+            self.values[name] = self._ort.OrtValue.ortvalue_from_numpy(buffer)
         self._size = size
         self.dirty = True  # the engine must bind the new OrtValues
 

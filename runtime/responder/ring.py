@@ -26,6 +26,21 @@ from edgestream.runtime.responder.spec import LMSpec
 NEG = float(np.finfo(np.float32).min)
 
 
+def regrow_kv(spec: LMSpec, buffers: dict[str, np.ndarray], size: int, keep: int) -> None:
+    """Replace every layer's K/V buffer in `buffers` by one of `size` slots, copying the first
+    `keep` slots' rows of the old one (the new slots are zero). Shared by both KV layouts."""
+    shape = list(spec.kv_shape)
+    shape[2] = size
+    for k, v, _, _ in spec.kv:
+        for name in (k, v):
+            new = np.zeros(shape, np.float32)
+            old = buffers.get(name)
+            if old is not None:
+                n = min(size, old.shape[2], keep)
+                new[:, :, :n] = old[:, :, :n]
+            buffers[name] = new
+
+
 class RingKV:
     """One conversation's KV buffers and slot bookkeeping."""
 
@@ -44,17 +59,7 @@ class RingKV:
         return self._size
 
     def _allocate(self, size: int) -> None:
-        """Buffers of `size` slots, keeping the rows of the old ones."""
-        shape = list(self.spec.kv_shape)
-        shape[2] = size
-        for k, v, _, _ in self.spec.kv:
-            for name in (k, v):
-                new = np.zeros(shape, np.float32)
-                old = self.buffers.get(name)
-                if old is not None:
-                    n = min(size, old.shape[2])
-                    new[:, :, :n] = old[:, :, :n]
-                self.buffers[name] = new
+        regrow_kv(self.spec, self.buffers, size, keep=size)
         self._size = size
 
     def _fit(self, last_slot: int) -> None:
