@@ -80,7 +80,8 @@ def _whisper() -> Recipe:
     from edgestream.export.whisper.recipe import export_whisper_graphs, load_whisper
 
     return Recipe(lambda src, o: load_whisper(src, o.revision, o.language),
-                  lambda parts, out, o: export_whisper_graphs(parts, out),
+                  lambda parts, out, o: export_whisper_graphs(parts, out,
+                                                              fuse=o.target == "cpu"),
                   lambda parts, out, clips: check_whisper_parity(parts.model, out, clips))
 
 
