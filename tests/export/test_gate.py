@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgestream.export import gate
@@ -36,6 +37,16 @@ def test_eval_set_windows_and_errors(tmp_path: Path) -> None:
     # 4 s windows every 0.5 s over 116 s of real and synthetic speech, plus two noisy copies
     assert 400 <= len(data.windows) <= 600
     assert all(w.size <= 64000 for w in data.windows)
+    # WER over every referenced clip clean and in three copies with different 20 dB noise: 748
+    # words, so one misheard name (two edits) moves it 0.27 points, not the whole 1.0 budget
+    assert len(data.wer_clips) == 4 * 5 and data.wer_words == 4 * 187
+    clean, noisy = data.wer_clips[0][1], [c[1] for c in data.wer_clips[5::5]]
+    assert all(c[2] == data.clips[0][2] for c in data.wer_clips[::5])
+    for copy in noisy:  # each copy's own noise, at 20 dB below the clip's power
+        snr = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2)
+                            / np.mean((copy - clean).astype(np.float64) ** 2))
+        assert abs(snr - 20.0) < 0.5
+    assert not np.array_equal(noisy[0], noisy[1])
     assert len(load_eval_set(speech_dir(), max_windows=50).windows) == 50
     with pytest.raises(ExportError, match=r"refs\.tsv.*--eval-audio"):
         load_eval_set(tmp_path)
