@@ -70,7 +70,8 @@ def test_gate_rejects_a_too_coarse_variant(tiny_whisper_dir: Path, tiny_bundle: 
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", force=True,
                                     quantize="int4", block_size=256, eval_windows=WINDOWS,
-                                    min_agreement=0.99, wer_budget=1000.0))
+                                    min_agreement=0.99, wer_budget=1000.0,
+                                    eval_wer_copies=0))
     rows = err.value.report["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int4"]
     assert rows[0]["agreement"] == 1.0 and rows[0]["max_logit_diff"] == 0.0
@@ -84,7 +85,8 @@ def test_gate_ships_a_passing_variant_with_its_table(tiny_whisper_dir: Path, tin
     out = Path(shutil.copytree(tiny_bundle, tmp_path / "out"))
     export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", force=True,
                                 quantize="encoder=int8-nbits,decoder=int8-nbits", block_size=16,
-                                eval_windows=WINDOWS, min_agreement=0.99, wer_budget=1000.0))
+                                eval_windows=WINDOWS, min_agreement=0.99, wer_budget=1000.0,
+                                eval_wer_copies=0))
     data = json.loads((out / "manifest.json").read_text())
     acc = data["accuracy"]
     assert acc["chosen"] == "encoder=int8-nbits,decoder=int8-nbits" and acc["windows"] == WINDOWS
@@ -125,7 +127,8 @@ def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) 
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_whisper_dir), tmp_path / "strict", vad="none",
                                     quantize="int8-qdq", eval_windows=WINDOWS,
-                                    min_agreement=0.99, wer_budget=1000.0))
+                                    min_agreement=0.99, wer_budget=1000.0,
+                                    eval_wer_copies=0))
     rows = err.value.report["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int8-qdq"]
     row = rows[1]
@@ -135,7 +138,8 @@ def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) 
 
     out = tmp_path / "out"
     export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", quantize="int8-qdq",
-                                eval_windows=WINDOWS, min_agreement=0.85, wer_budget=1000.0))
+                                eval_windows=WINDOWS, min_agreement=0.85, wer_budget=1000.0,
+                                eval_wer_copies=0))
     data = json.loads((out / "manifest.json").read_text())
     acc = data["accuracy"]
     assert acc["chosen"] == "int8-qdq" and acc["rows"][1]["passed"]
