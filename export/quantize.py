@@ -1,9 +1,11 @@
 """Precisions of a bundle's graphs, applied in place, one graph at a time (see PRECISIONS).
 
 MatMul/Gemm weights only: convolution front ends stay fp32 (dynamic int8 of the conv front end is
-slower, DESIGN.md 8), as do attention matmuls between two activations. Whisper's tied output
-projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only quantize a
-weight that is an initializer, so they would silently leave the largest decoder matmul in fp32.
+slower, DESIGN.md 8), as do attention matmuls between two activations and, in int8, the
+attention output projections of the graphs in FP32_ATTENTION_OUT (Whisper's encoder). Whisper's
+tied output projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only
+quantize a weight that is an initializer, so they would silently leave the largest decoder matmul
+in fp32.
 The transpose is folded into a new initializer first, and after quantization the embedding
 ``Gather`` is rewritten to read the projection's quantized bytes (`qgather`), so the vocabulary
 matrix is stored once and never as an fp32 table.
