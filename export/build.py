@@ -29,8 +29,8 @@ class ExportOptions:
     """What the user asked for. `parity_audio`: clips for the parity check (default: the demo
     clip shipped with the runtime). `chunk_ms`, `window_semantics`, `max_memory_frames` apply to
     streaming encoders (moonshine_streaming). `quantize`: see `gate.precision_plan`;
-    `eval_audio`, `wer_budget`, `min_agreement`, `eval_windows` drive the accuracy gate every
-    quantized variant must pass (`evaluation`)."""
+    `eval_audio`, `wer_budget`, `min_agreement`, `eval_windows`, `eval_wer_copies` drive the
+    accuracy gate every quantized variant must pass (`evaluation`)."""
 
     source: str
     out: Path
@@ -52,6 +52,9 @@ class ExportOptions:
     # clean and noisy windows (noise makes the fp32 path itself uncertain) at a better WER
     min_agreement: float = 0.90
     eval_windows: int = 300
+    # noisy copies of every referenced clip transcribed for WER (evaluation.WER_NOISE_COPIES);
+    # 0: the clean clips only (random test models, whose WER means nothing, save the time)
+    eval_wer_copies: int = 3
     lm: Any = None  # decoder LMs: export.lm.recipe.LMExportOptions (None: its defaults)
 
 
@@ -80,7 +83,8 @@ def _whisper() -> Recipe:
     from edgestream.export.whisper.recipe import export_whisper_graphs, load_whisper
 
     return Recipe(lambda src, o: load_whisper(src, o.revision, o.language),
-                  lambda parts, out, o: export_whisper_graphs(parts, out),
+                  lambda parts, out, o: export_whisper_graphs(parts, out,
+                                                              fuse=o.target == "cpu"),
                   lambda parts, out, clips: check_whisper_parity(parts.model, out, clips))
 
 

@@ -150,7 +150,8 @@ def choose_variant(recipe: Any, parts: Any, fp32: Path, data: dict, opts: Any,
     if data["family"] in EVALUATORS:
         folder = Path(opts.eval_audio) if opts.eval_audio else default_eval_dir()
         evaluator = EVALUATORS[data["family"]](
-            fp32, load_eval_set(folder, max_windows=opts.eval_windows))
+            fp32, load_eval_set(folder, max_windows=opts.eval_windows,
+                                wer_noise_copies=opts.eval_wer_copies))
     rows, folders, manifests = [], {}, {}
     if evaluator is not None:
         rows.append(evaluator.reference.row())

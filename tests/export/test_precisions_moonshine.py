@@ -34,7 +34,7 @@ def test_moonshine_gate_rejects_a_coarse_variant_and_ships_exact_int8(
     out = tmp_path / "out"
     export_bundle(ExportOptions(str(tiny_moonshine_dir), out, vad="none", quantize="auto",
                                 block_size=16, eval_windows=WINDOWS, min_agreement=0.9,
-                                wer_budget=1000.0))
+                                wer_budget=1000.0, eval_wer_copies=0))
     data = json.loads((out / "manifest.json").read_text())
     acc = data["accuracy"]
     assert acc["windows"] == WINDOWS and acc["eval_audio"]
