@@ -209,13 +209,25 @@ def _stream(model: Model, args: argparse.Namespace, live: bool) -> Any:
     lm = getattr(args, "lm", None)
     if lm is None:
         return model.stream(**stream_options(args, live))
-    from edgestream.runtime.responder.conversation import DEFAULT_SYSTEM
-    from edgestream.runtime.responder.responder import Responder, ResponderOptions
+    from edgestream.runtime.responder.responder import Responder
 
-    options = ResponderOptions(system_prompt=args.system_prompt or DEFAULT_SYSTEM,
-                               max_reply_tokens=args.max_reply_tokens, pause_ms=args.pause_ms,
-                               speculative=not args.no_speculative)
-    return Responder(model, lm, options, **stream_options(args, live))
+    return Responder(model, lm, responder_options(args), **stream_options(args, live))
+
+
+def responder_options(args: argparse.Namespace) -> Any:
+    """`run --respond`'s ResponderOptions; a device profile (--profile) sets the snapshot
+    budget (memory.snapshot_mb)."""
+    from edgestream.runtime.responder.conversation import DEFAULT_SYSTEM
+    from edgestream.runtime.responder.responder import ResponderOptions
+
+    snapshot_bytes = None
+    if getattr(args, "profile", None):
+        from edgestream.runtime.profiles import resolve
+
+        snapshot_bytes = resolve(args.profile).memory.snapshot_mb << 20
+    return ResponderOptions(system_prompt=args.system_prompt or DEFAULT_SYSTEM,
+                            max_reply_tokens=args.max_reply_tokens, pause_ms=args.pause_ms,
+                            speculative=not args.no_speculative, snapshot_bytes=snapshot_bytes)
 
 
 def _has_fileno(f: Any) -> bool:

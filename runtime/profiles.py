@@ -47,6 +47,9 @@ class Match:
 class Memory:
     budget_mb: int = 2000
     cuda_graph_streams: int = 0
+    # per conversation: recurrent-state copies a hybrid LM keeps for rollback (a real DeltaNet
+    # snapshot is ~60 MB; fewer kept costs re-read time after a rollback, never other tokens)
+    snapshot_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,15 @@ def parse(data: dict[str, Any], name: str, where: str) -> Profile:
         if value not in PRECISIONS:
             raise ProfileError(f"{where}: precision.{role} = {value!r}; use one of "
                                f"{', '.join(PRECISIONS)}")
+    memory = _fields(Memory, _table(data, "memory", where), f"{where}: [memory]")
+    if memory.snapshot_mb < 0:
+        raise ProfileError(f"{where}: memory.snapshot_mb must be >= 0 (0 keeps no recurrent "
+                           "snapshots: a rollback re-reads the conversation)")
     return Profile(
         name=name, description=str(data.get("description", "")),
         providers=tuple(providers), threads=threads,
         provider_options={k: dict(v) for k, v in options.items()}, precision=dict(precision),
-        memory=_fields(Memory, _table(data, "memory", where), f"{where}: [memory]"),
+        memory=memory,
         audio=_fields(Audio, _table(data, "audio", where), f"{where}: [audio]"),
         stream=dict(_table(data, "stream", where)),
         match=_fields(Match, _table(data, "match", where), f"{where}: [match]"), path=where)

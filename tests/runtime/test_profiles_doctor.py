@@ -57,6 +57,27 @@ def test_bad_profiles_are_named(tmp_path: Path) -> None:
     bad.write_text('[memory]\nbudget = 3\n')
     with pytest.raises(ProfileError, match=r"\[memory\]: unknown key 'budget'"):
         profiles.load_profile(str(bad))
+    bad.write_text('[memory]\nsnapshot_mb = -1\n')
+    with pytest.raises(ProfileError, match=r"mine.toml: memory.snapshot_mb must be >= 0"):
+        profiles.load_profile(str(bad))
+
+
+def test_profile_sets_the_responders_snapshot_budget(tmp_path: Path) -> None:
+    """`run --respond --profile P` gives the LM the profile's recurrent-snapshot budget;
+    without a profile the engine's default applies."""
+    import argparse
+
+    from edgestream.runtime.commands import responder_options
+
+    args = argparse.Namespace(system_prompt=None, max_reply_tokens=64, pause_ms=200,
+                              no_speculative=False, profile="jetson-orin-nano")
+    assert responder_options(args).snapshot_bytes == 128 * 2**20
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[memory]\nsnapshot_mb = 0\n')
+    assert responder_options(argparse.Namespace(**{**vars(args), "profile": str(mine)})
+                             ).snapshot_bytes == 0
+    assert responder_options(argparse.Namespace(**{**vars(args), "profile": None})
+                             ).snapshot_bytes is None
 
 
 def test_doctor_graph_shipped_is_the_one_the_exporter_builds() -> None:
