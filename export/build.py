@@ -57,6 +57,20 @@ class ExportOptions:
     eval_wer_copies: int = 3
     lm: Any = None  # decoder LMs: export.lm.recipe.LMExportOptions (None: its defaults)
 
+    def __post_init__(self) -> None:
+        # the gate's numbers: a wrong one would make it pass or refuse every variant
+        bad = []
+        if not (isinstance(self.eval_windows, int) and self.eval_windows >= 1):
+            bad.append(f"--eval-windows {self.eval_windows}: give a whole number of at least 1")
+        if not (isinstance(self.eval_wer_copies, int) and self.eval_wer_copies >= 0):
+            bad.append(f"--eval-wer-copies {self.eval_wer_copies}: give a whole number >= 0")
+        if not self.wer_budget >= 0:
+            bad.append(f"--wer-budget {self.wer_budget}: give WER points >= 0")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            bad.append(f"--min-agreement {self.min_agreement}: give a share from 0 to 1")
+        if bad:
+            raise ExportError("accuracy gate options are not valid: " + "; ".join(bad))
+
 
 def default_parity_audio() -> tuple[Path, ...]:
     from importlib.resources import files

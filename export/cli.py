@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of fp32's greedy tokens a variant must keep (default 0.90)")
     p.add_argument("--eval-windows", type=int, default=300,
                    help="overlapping windows (clean and noisy) the gate compares (default 300)")
+    p.add_argument("--eval-wer-copies", type=int, default=3,
+                   help="copies of every evaluation clip with 20 dB white noise that the gate's "
+                        "WER also transcribes, for more words (default 3; 0: clean clips only)")
     p.add_argument("--chunk-ms", type=int, default=80,
                    help="streaming encoders: audio per encoder step, 20-320 ms (default 80)")
     p.add_argument("--window-semantics", default="transformers",
@@ -86,7 +89,8 @@ def run_export(args: argparse.Namespace) -> int:
                          max_memory_frames=args.max_memory_frames, quantize=args.quantize,
                          block_size=args.block_size, target=args.target,
                          eval_audio=args.eval_audio, wer_budget=args.wer_budget,
-                         min_agreement=args.min_agreement, eval_windows=args.eval_windows, lm=lm)
+                         min_agreement=args.min_agreement, eval_windows=args.eval_windows,
+                         eval_wer_copies=args.eval_wer_copies, lm=lm)
     try:
         report = export_bundle(opts)
     except ParityError as e:

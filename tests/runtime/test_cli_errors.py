@@ -150,6 +150,17 @@ def test_export_of_nonexistent_source(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_accuracy_gate_options_that_make_no_sense(tmp_path: Path) -> None:
+    """Bad gate numbers are refused before any export work, each named with what to give."""
+    r = edgestream("export", "builtin:whisper-tiny.en", "-o", tmp_path / "out", "--quantize",
+                   "int8", "--eval-wer-copies", "-1", "--min-agreement", "1.5",
+                   "--eval-windows", "0", "--wer-budget", "-2")
+    err = assert_error(r, "--eval-wer-copies -1", "--min-agreement 1.5", "--eval-windows 0",
+                       "--wer-budget -2.0")
+    assert "whole number >= 0" in err and "share from 0 to 1" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_of_folder_without_config(tmp_path: Path) -> None:
     folder = tmp_path / "empty-model"
     folder.mkdir()
