@@ -143,13 +143,25 @@ def graph_entry(name: str, path: Path, precision: str = "fp32",
             out.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": dims})
         return out
 
-    entry = {"name": name, "file": path.name, "sha256": sha256_file(path),
-             "precision": precision, "inputs": spec(model.graph.input),
-             "outputs": spec(model.graph.output)}
+    entry = {"name": name, "file": path.name, "precision": precision,
+             "inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
     if sizes:
         entry["dims"] = {k: list(v) for k, v in sizes.items()}
+    return {**entry, **file_hashes(path)}
+
+
+def file_hashes(path: Path) -> dict:
+    """The manifest fields that pin a graph file's bytes: its sha256 and, when it keeps its
+    weights outside, each external-data file's."""
+    out: dict = {"sha256": sha256_file(path)}
     data = external_files(path)
     if data:
-        entry["external_data"] = [{"file": f, "sha256": sha256_file(path.parent / f)}
-                                  for f in data]
-    return entry
+        out["external_data"] = [{"file": f, "sha256": sha256_file(path.parent / f)}
+                                for f in data]
+    return out
+
+
+def graph_bytes(path: Path) -> int:
+    """A graph's size on disk, its external-data files included."""
+    return path.stat().st_size + sum((path.parent / f).stat().st_size
+                                     for f in external_files(path))

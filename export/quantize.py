@@ -23,8 +23,8 @@ import onnx
 from onnx import numpy_helper
 
 from edgestream.export.errors import ExportError
-from edgestream.export.onnx_export import (EXTERNAL_THRESHOLD, external_files, save_model,
-                                           weight_bytes)
+from edgestream.export.onnx_export import (EXTERNAL_THRESHOLD, file_hashes,
+                                           graph_bytes, save_model, weight_bytes)
 from edgestream.export.nbits_split import split_8bit
 from edgestream.export.qgather import rewrite_tied_gathers
 from edgestream.runtime.bundle import sha256_file
@@ -277,7 +277,7 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
         raise QuantizeError(f"block size {block_size}: MatMulNBits takes one of "
                             f"{', '.join(map(str, BLOCK_SIZES))}")
     path = Path(path)
-    before = _size(path)
+    before = graph_bytes(path)
     model = onnx.load(str(path))
     signature = _signature(model)
     folded = gathers = 0
@@ -312,7 +312,7 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
                             "outputs; the file was left unchanged")
     remaining = fp32_matmul_weights(model)
     save_model(model, path)
-    after = _size(path)
+    after = graph_bytes(path)
     log.info("%s %s: %.1f -> %.1f MB, %d transposed weight(s) folded, %d tied gather(s) "
              "quantized, %d fp32 MatMul weight(s) left", precision, path.name, before / 1e6,
              after / 1e6, folded, gathers, len(remaining))
@@ -320,21 +320,10 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
             "bytes_after": after, "fp32_matmul_weights": remaining}
 
 
-def _size(path: Path) -> int:
-    """Bytes of a graph file and its external data."""
-    return path.stat().st_size + sum((path.parent / f).stat().st_size
-                                     for f in external_files(path))
-
-
 def refresh_entry(entry: dict, folder: Path) -> None:
     """Re-hash a manifest graph entry's file and external data after it was rewritten."""
-    path = folder / entry["file"]
-    entry["sha256"] = sha256_file(path)
-    data = external_files(path)
-    if data:
-        entry["external_data"] = [{"file": f, "sha256": sha256_file(folder / f)} for f in data]
-    else:
-        entry.pop("external_data", None)
+    entry.pop("external_data", None)
+    entry.update(file_hashes(folder / entry["file"]))
 
 
 def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[str, ...],

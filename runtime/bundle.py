@@ -31,7 +31,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_file(path: Path, expected: str, field: str, what: str) -> None:
+def check_file(path: Path, expected: str, field: str, what: str) -> None:
     if not path.is_file():
         raise BundleError(f"{path}: {what} listed in {MANIFEST_NAME} ({field}.file) is missing; "
                           "re-export the bundle")
@@ -40,6 +40,15 @@ def _check_file(path: Path, expected: str, field: str, what: str) -> None:
         raise BundleError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST_NAME} "
                           f"{field}.sha256 {expected[:12]}...; the file was changed or damaged, "
                           "re-export the bundle")
+
+
+def check_graph_files(root: Path, g: GraphSpec) -> None:
+    """Check a graph file and its external data against the manifest's hashes. The .onnx names
+    its external-data files, so its hash covers the references and these cover the weights."""
+    check_file(root / g.file, g.sha256, f"graphs[{g.name}]", "graph file")
+    for j, d in enumerate(g.external_data):
+        check_file(root / d.file, d.sha256, f"graphs[{g.name}].external_data[{j}]",
+                   "external-data file")
 
 
 @dataclass(frozen=True)
@@ -60,18 +69,13 @@ class Bundle:
                               "`edgestream export SOURCE -o DIR`")
         manifest = load_manifest(root)
         for g in manifest.graphs:
-            # the .onnx names its external-data files, so its hash covers the references and
-            # these hashes cover the weights themselves
-            _check_file(root / g.file, g.sha256, f"graphs[{g.name}]", "graph file")
-            for j, d in enumerate(g.external_data):
-                _check_file(root / d.file, d.sha256, f"graphs[{g.name}].external_data[{j}]",
-                            "external-data file")
+            check_graph_files(root, g)
         tok = root / manifest.tokenizer.file
         if not tok.is_file():
             raise BundleError(f"{tok}: tokenizer file named in {MANIFEST_NAME} tokenizer.file "
                               "is missing; re-export the bundle")
         if manifest.tokenizer.sha256:
-            _check_file(tok, manifest.tokenizer.sha256, "tokenizer", "tokenizer file")
+            check_file(tok, manifest.tokenizer.sha256, "tokenizer", "tokenizer file")
         return_large_blocks()  # before the large transients of parsing and loading
         # a compact id -> bytes table; the full tokenizers.Tokenizer only when text is encoded
         tokenizer = BundleTokenizer(tok)

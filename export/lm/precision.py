@@ -29,8 +29,9 @@ from edgestream.export.lm.parity import NEW_TOKENS, PASSAGE, PROMPTS, SYSTEM
 GATE_PROMPTS = PROMPTS + ("Why is the sky blue?", "Give me three tips for sleeping better.",
                           "Write a haiku about the sea.", "What does a kiosk do?",
                           "Explain what a microphone does in one sentence.")
+from edgestream.export.lm.graphs import LM_EXTERNAL
+from edgestream.export.onnx_export import external_files, file_hashes, graph_bytes, save_model
 from edgestream.export.quantize import fold_weight_transposes
-from edgestream.runtime.bundle import sha256_file
 from edgestream.runtime.manifest import MANIFEST_NAME
 from edgestream.runtime.responder.engine import LMEngine
 from edgestream.runtime.responder.lm import LanguageModel, load_lm
@@ -57,7 +58,7 @@ def quantize_weights(path: Path, bits: int) -> None:
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
                              accuracy_level=4)
     q.process()
-    q.model.save_model_to_file(str(path), use_external_data_format=False)
+    save_model(q.model.model, path, LM_EXTERNAL)
 
 
 def _sequences(lm: LanguageModel) -> list[list[int]]:
@@ -95,14 +96,21 @@ def measure(lm: LanguageModel, sequences: list, passage: list[int],
     return {"agreement": agree / max(total, 1), "positions": total, "ppl": math.exp(float(nll))}
 
 
+def _copy_graph(src: Path, dst: Path) -> None:
+    """Copy lm.onnx and its external data from folder `src` to folder `dst`."""
+    for name in ("lm.onnx", *external_files(src / "lm.onnx")):
+        shutil.copy(src / name, dst / name)
+
+
 def _candidate(folder: Path, data: dict, precision: str, where: Path) -> dict:
     shutil.copy(folder / "tokenizer.json", where / "tokenizer.json")
-    shutil.copy(folder / "lm.onnx", where / "lm.onnx")
+    _copy_graph(folder, where)
     quantize_weights(where / "lm.onnx", BITS[precision])
     out = json.loads(json.dumps(data))
-    digest = sha256_file(where / "lm.onnx")
+    hashes = file_hashes(where / "lm.onnx")
     for g in out["graphs"]:
-        g["sha256"], g["precision"] = digest, precision
+        g.pop("external_data", None)
+        g.update(hashes, precision=precision)
     (where / MANIFEST_NAME).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -124,18 +132,18 @@ def choose_precision(parts: Any, folder: Path, data: dict, opts: Any) -> dict:
     reference = _passage_logits(fp32, passage).argmax(-1)
     report: dict = {"fp32": measure(fp32, sequences, passage), "min_agreement": MIN_AGREEMENT,
                     "max_ppl_ratio": MAX_PPL_RATIO, "block_size": BLOCK,
-                    "fp32_bytes": (folder / "lm.onnx").stat().st_size}
+                    "fp32_bytes": graph_bytes(folder / "lm.onnx")}
     chosen, chosen_data = "fp32", data
     for precision in (["int4", "int8"] if wanted == "auto" else [wanted]):
         with tempfile.TemporaryDirectory(prefix=f".{precision}-", dir=folder.parent) as tmp:
             cand = _candidate(folder, data, precision, Path(tmp))
             m = measure(load_lm(tmp, provider="cpu"), sequences, passage, reference)
             m["ppl_ratio"] = m["ppl"] / report["fp32"]["ppl"]
-            m["bytes"] = (Path(tmp) / "lm.onnx").stat().st_size
+            m["bytes"] = graph_bytes(Path(tmp) / "lm.onnx")
             m["passed"] = m["agreement"] >= MIN_AGREEMENT and m["ppl_ratio"] <= MAX_PPL_RATIO
             report[precision] = m
             if m["passed"]:
-                shutil.copy(Path(tmp) / "lm.onnx", folder / "lm.onnx")
+                _copy_graph(Path(tmp), folder)
                 chosen, chosen_data = precision, cand
                 break
     if wanted != "auto" and chosen != wanted:

@@ -16,9 +16,9 @@ from edgestream.export.errors import ExportError
 from edgestream.export.lm.chat import chat_pieces
 from edgestream.export.lm.families import HYBRID_FAMILIES, HybridLMGraph, prepare_hybrid
 from edgestream.export.lm.gqa import KV_LAYOUT_GQA, KV_LAYOUT_ROWS, to_group_query_attention
-from edgestream.export.lm.graphs import (DecoderLMGraph, layer_kinds, optimize_graph_file,
-                                         slot_buckets)
-from edgestream.export.onnx_export import OPSET, _DTYPES
+from edgestream.export.lm.graphs import (LM_EXTERNAL, DecoderLMGraph, layer_kinds,
+                                         optimize_graph_file, slot_buckets)
+from edgestream.export.onnx_export import OPSET, _DTYPES, file_hashes, save_model
 from edgestream.export.sources import ResolvedSource
 from edgestream.runtime.bundle import sha256_file
 
@@ -124,7 +124,7 @@ def _entry(name: str, path: Path, tokens: int, slots: int) -> dict:
             out.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": dims})
         return out
 
-    return {"name": name, "file": path.name, "sha256": sha256_file(path), "precision": "fp32",
+    return {"name": name, "file": path.name, "precision": "fp32", **file_hashes(path),
             "inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
 
 
@@ -182,7 +182,9 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
                 verbose=False)
         except Exception as e:  # the exporter raises many internal types
             raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
-    onnx_program.save(str(path), external_data=False)
+    # external data from the first save: graphs over 2 GB need it, and the weights stay in
+    # lm.onnx.data in the bundle (see LM_EXTERNAL)
+    onnx_program.save(str(path), external_data=True)
     max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
     log.info("LM graph passes: %s", optimize_graph_file(path, max_position))
     kv_layout = KV_LAYOUT_ROWS
@@ -193,7 +195,7 @@ def export_lm_graphs(parts: LMParts, out: Path, opts: LMExportOptions) -> dict:
         scale = float(getattr(parts.model.model.layers[0].self_attn, "scaling",
                               head_dim ** -0.5))
         if to_group_query_attention(model, attention, heads, kv_heads, head_dim, scale):
-            onnx.save(model, str(path))
+            save_model(model, path, LM_EXTERNAL)
             kv_layout = KV_LAYOUT_GQA
         else:
             log.warning("%s: attention not in the traced shape GroupQueryAttention replaces; "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edgestream.runtime.bundle import sha256_file
+from edgestream.runtime.bundle import check_graph_files
 from edgestream.runtime.errors import BundleError
 from edgestream.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from edgestream.runtime.responder.spec import LMSpec, parse_lm_spec
@@ -50,13 +50,10 @@ def load_lm(root: str | Path, provider: str = "auto", threads: int = 0) -> Langu
         raise BundleError(f"{root}/{MANIFEST_NAME}: graphs step and chunk must share one file "
                           f"(got {step.file}, {chunk.file}); re-export the bundle")
     path = root / step.file
-    if not path.is_file():
-        raise BundleError(f"{path}: graph file of graphs[step].file is missing; re-export")
-    digest = sha256_file(path)
-    for g in (step, chunk):
-        if digest != g.sha256:
-            raise BundleError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST_NAME} "
-                              f"graphs[{g.name}].sha256; the file was changed, re-export")
+    if (step.sha256, step.external_data) != (chunk.sha256, chunk.external_data):
+        raise BundleError(f"{root}/{MANIFEST_NAME}: graphs step and chunk list different hashes "
+                          f"for the one file {step.file}; re-export the bundle")
+    check_graph_files(root, step)
     tok_path = root / manifest.tokenizer.file
     try:
         tokenizer = Tokenizer.from_file(str(tok_path))

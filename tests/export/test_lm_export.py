@@ -4,6 +4,7 @@ mask, rollback), plus the bad inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,6 +103,48 @@ def test_qwen3_export_with_int4_gate(tmp_path: Path) -> None:
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "bundle" / "lm.onnx")).graph.node}
     assert "MatMulNBits" in ops
+    # the shipped candidate brought its own weights file, hashed in the manifest; no fp32 left
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert files == ["lm.onnx", "lm.onnx.data", "manifest.json", "tokenizer.json"]
+    data = tmp_path / "bundle" / "lm.onnx.data"
+    assert m["graphs"][0]["external_data"] == [{"file": "lm.onnx.data",
+                                                "sha256": hashlib.sha256(data.read_bytes())
+                                                .hexdigest()}]
+    assert acc[acc["chosen"]]["bytes"] == sum(
+        (tmp_path / "bundle" / f).stat().st_size for f in ("lm.onnx", "lm.onnx.data"))
+
+
+def test_lm_weights_live_in_hashed_external_data(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+    """Weights go to lm.onnx.data (faster MatMulNBits, graphs over 2 GB); the manifest pins the
+    file and load_lm refuses a changed or missing one, naming it."""
+    import shutil
+
+    import onnx
+
+    from edgestream.runtime.errors import BundleError
+    from edgestream.runtime.responder.lm import load_lm
+
+    model = onnx.load(str(tiny_llama_bundle / "lm.onnx"), load_external_data=False)
+    big = [i for i in model.graph.initializer if np.prod(i.dims) * 4 > 4096]
+    assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big)
+    m = json.loads((tiny_llama_bundle / "manifest.json").read_text())
+    data = tiny_llama_bundle / "lm.onnx.data"
+    for g in m["graphs"]:
+        assert g["external_data"] == [{"file": "lm.onnx.data", "sha256": hashlib.sha256(
+            data.read_bytes()).hexdigest()}]
+    assert (tiny_llama_bundle / "lm.onnx").stat().st_size < data.stat().st_size / 10
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_bundle, copy)
+    with (copy / "lm.onnx.data").open("r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BundleError, match=r"lm\.onnx\.data.*external_data\[0\]"):
+        load_lm(copy, provider="cpu")
+    (copy / "lm.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"lm\.onnx\.data.*is missing"):
+        load_lm(copy, provider="cpu")
 
 
 def test_tokenizer_without_chat_template_is_refused(tmp_path: Path) -> None:
