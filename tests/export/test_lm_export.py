@@ -133,6 +133,8 @@ def test_lm_weights_live_in_hashed_external_data(tiny_llama_bundle: Path, tmp_pa
         assert g["external_data"] == [{"file": "lm.onnx.data", "sha256": hashlib.sha256(
             data.read_bytes()).hexdigest()}]
     assert (tiny_llama_bundle / "lm.onnx").stat().st_size < data.stat().st_size / 10
+    # readable by whoever may read the graph (onnx itself creates the data file 0600)
+    assert data.stat().st_mode & 0o777 == (tiny_llama_bundle / "lm.onnx").stat().st_mode & 0o777
     copy = tmp_path / "copy"
     shutil.copytree(tiny_llama_bundle, copy)
     with (copy / "lm.onnx.data").open("r+b") as f:
