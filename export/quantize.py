@@ -79,6 +79,7 @@ WEIGHT_TYPE = "QInt8"
 # embedding gather reads; blockwise it would add 2.5 MB of scales and measured no better).
 BLOCKWISE_INT8 = {"whisper": {"encoder": "attention_out", "decoder": "layers"}}
 BLOCKWISE_BLOCK = 32
+BLOCKWISE_HEAD_BLOCK = 128
 
 
 class QuantizeError(ExportError):
@@ -175,12 +176,20 @@ def blockwise_int8_nodes(model: onnx.ModelProto, kind: str) -> list[str]:
     projection ("layers"; run after `fold_weight_transposes`)."""
     if kind == "attention_out":
         return attention_output_projections(model)
-    if kind != "layers":
+    if kind not in ("layers", "layers+head", "head"):
         raise QuantizeError(f"unknown blockwise int8 selection {kind!r}")
     inits = {i.name for i in model.graph.initializer}
     tied = set(_tied(model).values())
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-            and n.input[1] in inits and n.input[1] not in tied]
+            and n.input[1] in inits and (n.input[1] in tied) == (kind == "head")]
+
+
+def _head_block(model: onnx.ModelProto, nodes: list[str]) -> int:
+    """The largest block up to BLOCKWISE_HEAD_BLOCK that divides the output projection's input
+    width (a tiny test model's 64 would otherwise be padded to 128, doubling its bytes)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    width = min(int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.name in nodes)
+    return next((b for b in (BLOCKWISE_HEAD_BLOCK, 64, 32) if width % b == 0), BLOCKWISE_BLOCK)
 
 
 def _signature(model: onnx.ModelProto) -> list[tuple[str, ...]]:
@@ -322,7 +331,11 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
                 chosen = blockwise_int8_nodes(model, blockwise) if blockwise else []
                 if chosen:
                     model = _nbits(model, 8, BLOCKWISE_BLOCK, ACCURACY_INT8_ACTIVATIONS, chosen)
-                    blocked = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+                head = blockwise_int8_nodes(model, "head") if blockwise == "layers+head" else []
+                if head:
+                    model = _nbits(model, 8, _head_block(model, head), ACCURACY_INT8_ACTIVATIONS,
+                                   head)
+                blocked = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
                 model = _dynamic_int8(model, path.parent, weight_type, per_channel)
             elif precision == "int8-qdq":
                 if not calibration:
