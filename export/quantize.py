@@ -63,21 +63,24 @@ WEIGHT_TYPE = "QInt8"
 # Dynamic int8 quantizes a MatMul's activation with one scale for the whole tensor. Whisper's
 # activations have a few channels far larger than the rest (tiny.en decoder on real speech: a
 # channel maximum of 38 against a median of 2-4 after the layer norms, 22x the row RMS after GELU),
-# so that one scale leaves most channels a handful of levels. In the graphs of BLOCKWISE_INT8 the
-# weights listed there are 8-bit MatMulNBits with accuracy level 4 instead: the same 8-bit
-# per-group weights (block `BLOCKWISE_BLOCK` along K, one fp32 scale per block), and the
-# activation quantized to int8 per block of 32 values of each row, so an outlier channel costs
-# only its own block. Measured on Whisper tiny.en (tests/benchmarks/whisper_int8_groups.py and
-# README "Precisions and the accuracy gate"): the decoder's error was spread over every group
-# (logits relative RMS on recorded real-speech feeds, only that group int8: output projection
-# 0.042, self q/k/v 0.050, self out 0.046, cross q 0.014, cross out 0.037, fc1 0.059, fc2 0.025;
-# all 0.096), so no single group could be kept fp32 within 45 MB; blockwise layers 0.047.
-# "encoder": its attention output projections (their input, the heads' merged output over 1500
-# frames, fits one scale worst: cross K/V relative RMS error 0.169 all dynamic, 0.082 with them
-# fp32), now blockwise rather than fp32 (1.7 MB smaller). "decoder": every weight of its layers;
-# the tied output projection stays dynamic int8 (per-vocabulary-row scales that the quantized
-# embedding gather reads; blockwise it would add 2.5 MB of scales and measured no better).
-BLOCKWISE_INT8 = {"whisper": {"encoder": "attention_out", "decoder": "layers"}}
+# so that one scale leaves most channels a handful of levels; and in a K-token block one scale
+# spans all K rows, so a loud row (the start token) coarsens the others and block and step
+# disagree. In the graphs of BLOCKWISE_INT8 the weights named there are 8-bit MatMulNBits at
+# accuracy level 4 instead: 8-bit symmetric weights, one fp32 scale per block along K
+# (BLOCKWISE_BLOCK; the tied output projection BLOCKWISE_HEAD_BLOCK, whose per-block scales would
+# otherwise cost 2.5 MB), and each row's activation quantized to int8 per block, so an outlier
+# channel costs only its own block and each row only itself.
+# Measured on Whisper tiny.en (tests/benchmarks/whisper_int8_groups.py; README "Why Whisper's
+# int8 is partly blockwise"): the decoder's error was spread over every group (logits relative
+# RMS on recorded real-speech feeds with only that group int8: output projection 0.042, self
+# q/k/v 0.050, self out 0.046, cross q 0.014, cross out 0.037, fc1 0.059, fc2 0.025; all 0.096),
+# so no group kept fp32 fits 45 MB. All-dynamic decoder 0.072 -> blockwise layers 0.036 -> with
+# the blockwise output projection 0.026; 16-token block vs 16 steps, max logit difference 11.1 ->
+# 3.1 -> 0.44. "attention_out" (encoder): its attention output projections (their input, the
+# heads' merged output over 1500 frames, fits one scale worst), blockwise instead of fp32 since
+# (same cross K/V error, 0.082 vs 0.080 relative RMS, 1.5 MB smaller); every encoder weight
+# blockwise would cut that error to 0.023 but makes the encoder 1.8x slower.
+BLOCKWISE_INT8 = {"whisper": {"encoder": "attention_out", "decoder": "layers+head"}}
 BLOCKWISE_BLOCK = 32
 BLOCKWISE_HEAD_BLOCK = 128
 
@@ -171,9 +174,10 @@ def attention_output_projections(model: onnx.ModelProto) -> list[str]:
 
 
 def blockwise_int8_nodes(model: onnx.ModelProto, kind: str) -> list[str]:
-    """Names of the MatMuls that `BLOCKWISE_INT8`'s `kind` makes blockwise 8-bit: its encoder's
-    attention output projections ("attention_out"), or every weight MatMul but a tied output
-    projection ("layers"; run after `fold_weight_transposes`)."""
+    """Names of the MatMuls that `BLOCKWISE_INT8`'s `kind` makes blockwise 8-bit: an encoder's
+    attention output projections ("attention_out"), every weight MatMul but a tied output
+    projection ("layers", also the first part of "layers+head"), or the tied output projection
+    ("head"); run after `fold_weight_transposes`."""
     if kind == "attention_out":
         return attention_output_projections(model)
     if kind not in ("layers", "layers+head", "head"):
