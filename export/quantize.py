@@ -39,7 +39,7 @@ PRECISIONS = {
     "fp16": "fp16 weights and compute for GPUs; normalisation, softmax and graph inputs/outputs "
             "(the state) stay fp32",
     "int8": "dynamic int8 per-channel weights (MatMulInteger) for CPUs; the tied embedding is "
-            "a quantized gather; Whisper's decoder layers and encoder attention outputs are "
+            "a quantized gather; Whisper's decoder weights and encoder attention outputs are "
             "8-bit MatMulNBits with int8 activations per block of a row",
     "int4": "4-bit weights in blocks (MatMulNBits); graphs run at several token counts (the "
             "decoder's step and block) keep fp32 activations, so a K-token block and one-token "
