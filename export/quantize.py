@@ -1,8 +1,9 @@
 """Precisions of a bundle's graphs, applied in place, one graph at a time (see PRECISIONS).
 
 MatMul/Gemm weights only: convolution front ends stay fp32 (dynamic int8 of the conv front end is
-slower, DESIGN.md 8), as do attention matmuls between two activations and, in int8, the
-attention output projections of the graphs in FP32_ATTENTION_OUT (Whisper's encoder). Whisper's
+slower, DESIGN.md 8), as do attention matmuls between two activations. In int8, the weights of
+BLOCKWISE_INT8 (Whisper) are 8-bit MatMulNBits with blockwise int8 activations, the rest dynamic
+int8. Whisper's
 tied output projection is exported as ``MatMul(x, Transpose(embedding))``; the quantizers only
 quantize a weight that is an initializer, so they would silently leave the largest decoder matmul
 in fp32.
@@ -38,7 +39,8 @@ PRECISIONS = {
     "fp16": "fp16 weights and compute for GPUs; normalisation, softmax and graph inputs/outputs "
             "(the state) stay fp32",
     "int8": "dynamic int8 per-channel weights (MatMulInteger) for CPUs; the tied embedding is "
-            "a quantized gather",
+            "a quantized gather; Whisper's decoder weights and encoder attention outputs are "
+            "8-bit MatMulNBits with int8 activations per block of a row",
     "int4": "4-bit weights in blocks (MatMulNBits); graphs run at several token counts (the "
             "decoder's step and block) keep fp32 activations, so a K-token block and one-token "
             "steps agree (exact re-scoring); others quantize activations to int8 per row",
@@ -58,15 +60,29 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's block quantizer (MLAS
 # tiny.en, 2 threads, QInt8 vs QUInt8: encoder window 584 vs 701 ms, decoder step 3.97 vs 4.38 ms,
 # four clips transcribed 2.89 vs 3.46 s (median of 3); the same encoder error (0.087 rel. RMS).
 WEIGHT_TYPE = "QInt8"
-# Dynamic int8 quantizes a MatMul's activation with one scale for the whole tensor. The input of
-# an attention's output projection (the heads' merged output over 1500 encoder frames) is where
-# that scale fits worst: Whisper tiny.en, cross K/V of six windows against fp32, relative RMS
-# error 0.169 all int8, 0.082 with the four encoder output projections in fp32 (qkv 0.165, fc1
-# 0.170, fc2 0.157, cross K/V projections 0.166 when those are the ones kept). The graphs listed
-# here keep those projections fp32 in `int8` (tiny.en encoder: +1.8 MB). Not the decoder: its
-# step quantizes one token's row, so the one scale already fits that row (and its eight
-# projections would cost 3.5 MB, over the 45 MB the int8 tiny.en bundle must fit).
-FP32_ATTENTION_OUT = {"whisper": ("encoder",)}
+# Dynamic int8 quantizes a MatMul's activation with one scale for the whole tensor. Whisper's
+# activations have a few channels far larger than the rest (tiny.en decoder on real speech: a
+# channel maximum of 38 against a median of 2-4 after the layer norms, 22x the row RMS after GELU),
+# so that one scale leaves most channels a handful of levels; and in a K-token block one scale
+# spans all K rows, so a loud row (the start token) coarsens the others and block and step
+# disagree. In the graphs of BLOCKWISE_INT8 the weights named there are 8-bit MatMulNBits at
+# accuracy level 4 instead: 8-bit symmetric weights, one fp32 scale per block along K
+# (BLOCKWISE_BLOCK; the tied output projection BLOCKWISE_HEAD_BLOCK, whose per-block scales would
+# otherwise cost 2.5 MB), and each row's activation quantized to int8 per block, so an outlier
+# channel costs only its own block and each row only itself.
+# Measured on Whisper tiny.en (tests/benchmarks/whisper_int8_groups.py; README "Why Whisper's
+# int8 is partly blockwise"): the decoder's error was spread over every group (logits relative
+# RMS on recorded real-speech feeds with only that group int8: output projection 0.042, self
+# q/k/v 0.050, self out 0.046, cross q 0.014, cross out 0.037, fc1 0.059, fc2 0.025; all 0.096),
+# so no group kept fp32 fits 45 MB. All-dynamic decoder 0.072 -> blockwise layers 0.036 -> with
+# the blockwise output projection 0.026; 16-token block vs 16 steps, max logit difference 11.1 ->
+# 3.1 -> 0.44. "attention_out" (encoder): its attention output projections (their input, the
+# heads' merged output over 1500 frames, fits one scale worst), blockwise instead of fp32 since
+# (same cross K/V error, 0.082 vs 0.080 relative RMS, 1.5 MB smaller); every encoder weight
+# blockwise would cut that error to 0.023 but makes the encoder 1.8x slower.
+BLOCKWISE_INT8 = {"whisper": {"encoder": "attention_out", "decoder": "layers+head"}}
+BLOCKWISE_BLOCK = 32
+BLOCKWISE_HEAD_BLOCK = 128
 
 
 class QuantizeError(ExportError):
@@ -157,6 +173,29 @@ def attention_output_projections(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def blockwise_int8_nodes(model: onnx.ModelProto, kind: str) -> list[str]:
+    """Names of the MatMuls that `BLOCKWISE_INT8`'s `kind` makes blockwise 8-bit: an encoder's
+    attention output projections ("attention_out"), every weight MatMul but a tied output
+    projection ("layers", also the first part of "layers+head"), or the tied output projection
+    ("head"); run after `fold_weight_transposes`."""
+    if kind == "attention_out":
+        return attention_output_projections(model)
+    if kind not in ("layers", "layers+head", "head"):
+        raise QuantizeError(f"unknown blockwise int8 selection {kind!r}")
+    inits = {i.name for i in model.graph.initializer}
+    tied = set(_tied(model).values())
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+            and n.input[1] in inits and (n.input[1] in tied) == (kind == "head")]
+
+
+def _head_block(model: onnx.ModelProto, nodes: list[str]) -> int:
+    """The largest block up to BLOCKWISE_HEAD_BLOCK that divides the output projection's input
+    width (a tiny test model's 64 would otherwise be padded to 128, doubling its bytes)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    width = min(int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.name in nodes)
+    return next((b for b in (BLOCKWISE_HEAD_BLOCK, 64, 32) if width % b == 0), BLOCKWISE_BLOCK)
+
+
 def _signature(model: onnx.ModelProto) -> list[tuple[str, ...]]:
     """Graph inputs and outputs (initializers excluded) as comparable strings."""
     inits = {i.name for i in model.graph.initializer}
@@ -208,12 +247,17 @@ ACCURACY_FP32_ACTIVATIONS = 1
 
 
 def _nbits(model: onnx.ModelProto, bits: int, block: int,
-           accuracy_level: int = ACCURACY_INT8_ACTIVATIONS) -> onnx.ModelProto:
+           accuracy_level: int = ACCURACY_INT8_ACTIVATIONS,
+           only: list[str] | None = None) -> onnx.ModelProto:
+    """MatMulNBits for every weight MatMul, or for the ones named in `only`."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    exclude = None if only is None else [n.name for n in model.graph.node
+                                         if n.op_type == "MatMul" and n.name not in only]
     # Symmetric weights: the quantized gather then needs no zero points.
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                             accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude,
+                             op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model
 
@@ -259,7 +303,7 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT_BLOCK,
                   weight_type: str = WEIGHT_TYPE, per_channel: bool = True,
                   calibration: tuple = (), exact_rows: bool = False,
-                  fp32_attention_out: bool = False) -> dict:
+                  blockwise: str | None = None) -> dict:
     """Convert one ONNX file to `precision` in place (external data included); returns {folded,
     gathers rewritten, sizes before/after, remaining fp32 MatMul weights}. `per_channel` (int8):
     scales each weight column apart (Whisper tiny.en encoder error 0.069 instead of 0.087
@@ -267,8 +311,8 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
     recorded feeds (`calibration.record`). `exact_rows` (int4, int8-nbits): the graph runs at
     several token counts (step and block), so its activations stay fp32 (see
     ACCURACY_FP32_ACTIVATIONS; 8-bit weights as two 4-bit halves, `nbits_split`).
-    `fp32_attention_out` (int8): leave the attention output projections in fp32 (see
-    FP32_ATTENTION_OUT)."""
+    `blockwise` (int8): which weights become 8-bit MatMulNBits with blockwise int8 activations
+    (`blockwise_int8_nodes`; see BLOCKWISE_INT8), the rest dynamic int8."""
     if precision not in PRECISIONS or precision == "fp32":
         choices = ", ".join(p for p in PRECISIONS if p != "fp32")
         raise QuantizeError(f"{path}: precision {precision!r} is not one a graph can be "
@@ -280,7 +324,7 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
     before = graph_bytes(path)
     model = onnx.load(str(path))
     signature = _signature(model)
-    folded = gathers = 0
+    folded = gathers = blocked = 0
     try:
         if precision == "fp16":
             model = _fp16(model)
@@ -288,8 +332,15 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
             folded = fold_weight_transposes(model)
             tied = _tied(model)
             if precision == "int8":
-                exclude = attention_output_projections(model) if fp32_attention_out else []
-                model = _dynamic_int8(model, path.parent, weight_type, per_channel, exclude)
+                chosen = blockwise_int8_nodes(model, blockwise) if blockwise else []
+                if chosen:
+                    model = _nbits(model, 8, BLOCKWISE_BLOCK, ACCURACY_INT8_ACTIVATIONS, chosen)
+                head = blockwise_int8_nodes(model, "head") if blockwise == "layers+head" else []
+                if head:
+                    model = _nbits(model, 8, _head_block(model, head), ACCURACY_INT8_ACTIVATIONS,
+                                   head)
+                blocked = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+                model = _dynamic_int8(model, path.parent, weight_type, per_channel)
             elif precision == "int8-qdq":
                 if not calibration:
                     raise QuantizeError(f"{path}: int8-qdq needs calibration feeds for this "
@@ -314,9 +365,10 @@ def quantize_file(path: Path, precision: str = "int8", block_size: int = DEFAULT
     save_model(model, path)
     after = graph_bytes(path)
     log.info("%s %s: %.1f -> %.1f MB, %d transposed weight(s) folded, %d tied gather(s) "
-             "quantized, %d fp32 MatMul weight(s) left", precision, path.name, before / 1e6,
-             after / 1e6, folded, gathers, len(remaining))
-    return {"folded": folded, "quantized_gathers": gathers, "bytes_before": before,
+             "quantized, %d blockwise int8, %d fp32 MatMul weight(s) left", precision,
+             path.name, before / 1e6, after / 1e6, folded, gathers, blocked, len(remaining))
+    return {"folded": folded, "quantized_gathers": gathers, "blockwise_int8": blocked,
+            "bytes_before": before,
             "bytes_after": after, "fp32_matmul_weights": remaining}
 
 
@@ -377,7 +429,7 @@ def quantize_graphs(folder: Path, manifest: dict, plan: dict[str, str] | tuple[s
         multi_size = any(len(sizes) > 1 for sizes in entry.get("dims", {}).values())
         quantize_file(path, precision, block_size, weight_type, per_channel,
                       calibration.feeds.get(name, ()) if calibration else (), multi_size,
-                      name in FP32_ATTENTION_OUT.get(out.get("family", ""), ()))
+                      BLOCKWISE_INT8.get(out.get("family", ""), {}).get(name))
         refresh_entry(entry, folder)
         entry["precision"] = precision
         if precision in NBITS:

@@ -142,20 +142,30 @@ def _variant(src: Path, dst: Path, plan: dict[str, str], block: int = 32) -> Pat
     return dst
 
 
-def test_whisper_nbits_block_and_step_agree(tiny_bundle: Path, tmp_path: Path) -> None:
-    """MatMulNBits quantizes activations per row: a 16-token block and 16 single steps give the
-    same logits, so re-scoring stays exact. Dynamic int8 (one activation scale per tensor) does
-    not, which is why it is only the CPU encoder's precision of choice."""
+def test_whisper_nbits_block_and_step_agree(tiny_bundle: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """MatMulNBits with fp32 activations in a multi-size graph: a 16-token block and 16 single
+    steps give the same logits, so re-scoring stays exact. Dynamic int8 (one activation scale per
+    tensor, shared by a block's rows) does not; Whisper's int8, whose decoder is blockwise 8-bit
+    with each row's activations quantized on their own (`quantize.BLOCKWISE_INT8`), comes closer
+    but is not exact either."""
+    from edgestream.export import quantize
+
     audio = np.random.default_rng(3).standard_normal(16000).astype(np.float32) * 0.1
     seq = [50257, 50362, 440, 1332, 995, 13, 3290, 262, 2068, 11, 290, 13]
     diffs = {}
-    for precision in ("int4", "int8-nbits", "int8"):
-        root = _variant(tiny_bundle, tmp_path / precision, {"decoder": precision})
+    for precision in ("int4", "int8-nbits", "int8", "int8 dynamic"):
+        if precision == "int8 dynamic":
+            monkeypatch.setattr(quantize, "BLOCKWISE_INT8", {})
+        root = _variant(tiny_bundle, tmp_path / precision.replace(" ", "_"),
+                        {"decoder": precision.split()[0]})
         engine = WhisperEngine(Bundle.open(root, CPU))
         engine.encode(audio)
         diffs[precision] = _block_vs_steps(engine, seq)
+    print(f"16-token block vs steps, max logit difference: {diffs}")
     assert diffs["int4"] <= 1e-4 and diffs["int8-nbits"] <= 1e-4, diffs
-    assert diffs["int8"] > 1e-3, diffs
+    assert diffs["int8 dynamic"] > 1e-3, diffs
+    assert diffs["int8"] < diffs["int8 dynamic"], diffs
 
 
 def test_moonshine_nbits_block_and_step_agree(tiny_moonshine_bundle: Path,
