@@ -296,6 +296,9 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="alternate the engines token by token instead of run by run (the "
                          "fairer comparison on a loaded machine)")
+    ap.add_argument("--reload", action="store_true",
+                    help="also load our bundles again after every other engine (load position "
+                         "moves a session's speed; this brackets it)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llama_cpp"],
                     help="engines left out (reported as skipped)")
     args = ap.parse_args()
@@ -309,8 +312,15 @@ def main() -> None:
     print(f"# {os.cpu_count()} cores, load {load()}, threads {args.threads or 'default'}; "
           "bundles "
           f"{ {k: str(v.root) for k, v in lms.items()} }", flush=True)
-    report = measure(engines(lms, args.work, args.genai, args.threads, tuple(args.skip)),
-                     args.runs, args.interleave)
+    runners = engines(lms, args.work, args.genai, args.threads, tuple(args.skip))
+    if args.reload:
+        # in one process a model loaded earlier decodes slower than one loaded later (up to
+        # about 10 %, seen for genai's model and ours alike): our bundles loaded again after
+        # every other engine bracket the others' load positions from both sides
+        for path in [args.lm, *args.lm_extra]:
+            lm = load_lm(path, provider="cpu", threads=args.threads)
+            runners[f"ours_{lm.manifest.graphs[0].precision}_{path.name}_loaded_last"] = ours(lm)
+    report = measure(runners, args.runs, args.interleave)
     report["threads"] = args.threads or "default"
     report["load_after"] = load()
     print(json.dumps(report, indent=2))
