@@ -121,18 +121,20 @@ def test_interrupted_export_keeps_the_old_bundle(tiny_whisper_dir: Path, tiny_bu
 def test_int8_qdq_goes_through_the_gate(tiny_whisper_dir: Path, tmp_path: Path) -> None:
     """int8-qdq is built (calibrated on the real clips) and measured like every variant: its row
     carries agreement, logit difference, size and latency, and the gate decides by the thresholds.
-    Measured on the tiny random model (40 windows): agreement 0.909 (static scales calibrated on
-    speech fit a random model's activations loosely), so a 0.99 bar rejects it with the table
-    and writes nothing, and a 0.85 bar ships it."""
+    Measured on the tiny random model (40 windows): agreement 0.909 on an earlier machine and
+    0.993 on a Xeon with AVX-512 VNNI and AMX (onnxruntime's int8 kernels differ by CPU; static
+    scales calibrated on speech fit a random model's activations loosely, max logit difference
+    0.30), so a bar of every token rejects it with the table and writes nothing, and a 0.85 bar
+    ships it."""
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_whisper_dir), tmp_path / "strict", vad="none",
                                     quantize="int8-qdq", eval_windows=WINDOWS,
-                                    min_agreement=0.99, wer_budget=1000.0,
+                                    min_agreement=1.0, wer_budget=1000.0,
                                     eval_wer_copies=0))
     rows = err.value.report["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "int8-qdq"]
     row = rows[1]
-    assert 0.85 < row["agreement"] < 0.99 and "agreement" in row["reason"]
+    assert 0.85 < row["agreement"] < 1.0 and "agreement" in row["reason"]
     assert row["max_logit_diff"] > 0 and row["size_mb"] < rows[0]["size_mb"] / 2
     assert not (tmp_path / "strict").exists() and not _leftovers(tmp_path, "strict")
 

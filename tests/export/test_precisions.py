@@ -351,8 +351,8 @@ def _published_width_stack(path: Path, width: int = 320, layers: int = 6, vocab:
 
 @pytest.mark.parametrize("precision", ["int4", "int8-nbits"])
 def test_block_and_step_agree_at_published_width(precision: str, tmp_path: Path) -> None:
-    """Per-row int8 activations (MatMulNBits accuracy level 4) are not enough at published width:
-    the fp32 operators in between round differently for 1 and 16 rows, an activation on an int8
+    """Per-row int8 activations (MatMulNBits accuracy level 4) are not enough at published width
+    on every CPU: the fp32 operators in between round differently for 1 and 16 rows, an activation on an int8
     rounding boundary moves a whole step, and depth amplifies it (measured on moonshine_streaming
     tiny: 1.7e-2). A graph run at several token counts keeps fp32 activations (int8-nbits: as
     two 4-bit halves), and its 16-row block and 16 single rows then agree within 1e-4."""
@@ -373,4 +373,9 @@ def test_block_and_step_agree_at_published_width(precision: str, tmp_path: Path)
                                 for i in range(16)])
         diffs[exact] = float(np.abs(block - steps).max())
     assert diffs[True] <= 1e-4, diffs
-    assert diffs[False] > 1e-3, diffs  # the problem is reproduced at this width
+    # Whether per-row int8 activations reproduce the problem depends on the CPU's kernels: an
+    # earlier machine measured more than 1e-3 here; a Xeon with AVX-512 VNNI and AMX 1.3e-5
+    # (its one-row and 16-row int8 paths round alike). The fp32-activation graphs must agree
+    # within 1e-4 on every CPU, which is what the runtime relies on.
+    print(f"block vs steps, int8 activations {diffs[False]:.2g}, fp32 activations "
+          f"{diffs[True]:.2g}")
