@@ -187,8 +187,10 @@ def test_cli_transcribes_with_a_moonshine_bundle(tiny_moonshine_bundle: Path,
 
 def test_int8_gate(tiny_moonshine_bundle: Path, tiny_moonshine_dir: Path, tmp_path: Path) -> None:
     """int8-encoder quantizes the audio side only; an int8 bundle that changes greedy tokens on
-    evaluation windows is refused (the tiny random model's unit-scale weights are that
-    sensitive)."""
+    evaluation windows is refused when the bar is every token (the tiny random model's
+    unit-scale weights are that sensitive; whether its agreement also falls under the default
+    0.90 depends on the CPU's int8 kernels: it did on an earlier machine, not on a Xeon with
+    AVX-512 VNNI and AMX)."""
     from edgestream.export.build import ExportOptions, export_bundle, graphs_to_quantize
     from edgestream.export.errors import ParityError
 
@@ -198,11 +200,11 @@ def test_int8_gate(tiny_moonshine_bundle: Path, tiny_moonshine_dir: Path, tmp_pa
     out = tmp_path / "int8"
     with pytest.raises(ParityError, match="no quantized variant passed") as err:
         export_bundle(ExportOptions(str(tiny_moonshine_dir), out, vad="none",
-                                    quantize="int8-encoder",
+                                    quantize="int8-encoder", min_agreement=1.0,
                                     parity_audio=(speech_dir() / "arctic_a0009.wav",)))
     # the gate's table: fp32 (the reference) and the refused variant, measured on the windows
     rows = {r["variant"]: r for r in err.value.report["rows"]}
     row = rows["int8-encoder"]
     assert not row["passed"] and "fp32" in rows
-    assert row["agreement"] < 1.0  # greedy tokens changed on evaluation windows
+    assert row["agreement"] < 1.0 and "agreement" in row["reason"]  # greedy tokens changed
     assert not out.exists()
