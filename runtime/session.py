@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestream.runtime import huge_pages
 from edgestream.runtime.cuda_graphs import CaptureDecision, CaptureSlots, decide
 from edgestream.runtime.errors import BundleError, OptionError, ProviderError
 from edgestream.runtime.events.stats import Histogram
@@ -190,6 +191,7 @@ class GraphSession:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                    "cpu:0")
         self.config = config
+        before = huge_pages.anonymous_regions()
         self.session = self._open(ort, opts, providers, options)
         self.capture = decide(spec.name, self.provider, config.execution,
                               config.captured_streams, self.node_providers())
@@ -204,6 +206,8 @@ class GraphSession:
         if config.provider != "cpu" and config.captured_streams > 0:
             log.info("%s", self.capture.log_line())
         self.slots = CaptureSlots(config.captured_streams if self.capture.capture else 0)
+        # the weights onnxruntime just prepacked, on 2 MiB pages (see huge_pages)
+        self.huge_page_bytes = huge_pages.collapse_new(before)
         self._check(self.session.get_inputs(), spec.inputs, "input")
         self._check(self.session.get_outputs(), spec.outputs, "output")
         self.output_names = [t.name for t in spec.outputs]
