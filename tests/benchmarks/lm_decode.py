@@ -193,13 +193,47 @@ def genai(folder: Path, ids: list[int], threads: int) -> Starter:
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
-def llamacpp(folder: Path, ids: list[int], threads: int) -> Starter:
+# llama.cpp's extra weight buffers (repacked layouts; AMX tiles on Xeons that have them) killed
+# the process with a general protection fault in libggml-cpu on a 2-core Xeon VM with AMX: a
+# child process tries them first, and the timed run goes without them if the child dies.
+LLAMA_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval([1, 2, 3])
+"""
+
+
+def _llama_extra_buffers_work(gguf: Path) -> bool:
+    done = subprocess.run([sys.executable, "-c", LLAMA_PROBE, str(gguf)], capture_output=True,
+                          timeout=300)
+    return done.returncode == 0
+
+
+def llamacpp(folder: Path, ids: list[int], threads: int) -> tuple[Starter, str]:
+    """The starter, and how llama.cpp's weights are held (with or without its extra buffers)."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
     from edgestream.export.lm.recipe import SMOLLM2_GGUF
 
-    llm = Llama(str(folder / SMOLLM2_GGUF), n_ctx=1024,
-                n_threads=threads or os.cpu_count(), verbose=False)
+    gguf = folder / SMOLLM2_GGUF
+    note = "default buffers"
+    defaults = llama_cpp.llama_model_default_params
+    if not _llama_extra_buffers_work(gguf):
+        note = "extra buffer types off (with them llama.cpp crashed on this CPU)"
+
+        def plain_buffers() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = plain_buffers
+    try:
+        llm = Llama(str(gguf), n_ctx=1024, n_threads=threads or os.cpu_count(), verbose=False)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
     def start() -> Step:
         llm.reset()
@@ -210,7 +244,7 @@ def llamacpp(folder: Path, ids: list[int], threads: int) -> Starter:
 
         return step
 
-    return start
+    return start, note
 
 
 def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], threads: int = 0,
@@ -240,7 +274,8 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], thread
         out["llama_cpp_q4_1"] = "not installed (pip install llama-cpp-python)"
     else:
         try:
-            out["llama_cpp_q4_1"] = llamacpp(folder, ids, threads)
+            out["llama_cpp_q4_1"], how = llamacpp(folder, ids, threads)
+            print(f"# llama.cpp: {how}", flush=True)
         except Exception as e:
             out["llama_cpp_q4_1"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return out
