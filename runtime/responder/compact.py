@@ -107,6 +107,13 @@ class CompactKV:
         if need > self._size:
             self._allocate(next(b for b in self.buckets if b >= need))
 
+    def reserve(self, position: int, tokens: int) -> None:
+        """Grow now to hold `tokens` more rows (up to the capacity), so that the passes that
+        write them do not pay for a growth (one copy of every buffer and a re-bind)."""
+        need = min(self.fill + tokens, self.slots)
+        if need > self._size:
+            self._allocate(next(b for b in self.buckets if b >= need))
+
     def _compact(self, start: int) -> None:
         """Keep the sinks and the rows a pass at `start` (and a rollback of `margin`) needs;
         move them down so they stay in position order from slot 0."""

@@ -74,6 +74,8 @@ class Conversation:
         """The stable text of the turn so far (finals and confirmed words)."""
         if self.reply is None and text:
             self.reader.update(text)
+            # room for the reply now, while the person talks, not during its steps
+            self.engine.reserve(self.max_reply + len(self._suffix) + len(self._close))
 
     def begin_reply(self, text: str) -> None:
         """The turn's text is complete (or assumed so: speculation): close it, start a reply."""

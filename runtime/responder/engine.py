@@ -115,6 +115,14 @@ class LMEngine:
         self.last_logits = logits[-1]
         return logits if all_logits else logits[-1]
 
+    def reserve(self, tokens: int) -> None:
+        """Make the KV buffers hold `tokens` more positions now (they grow in buckets, one copy
+        each time): called while the person is still talking, a reply's steps never wait for
+        a growth."""
+        self.kv.reserve(self.position, tokens)
+        if self.inplace and self.kv.dirty:
+            self.kv.bind(self._bound.io)
+
     def mark(self) -> Mark:
         return Mark(self.position)
 

@@ -66,6 +66,11 @@ class RingKV:
         if last_slot >= self._size:
             self._allocate(next(b for b in self.buckets if b > last_slot))
 
+    def reserve(self, position: int, tokens: int) -> None:
+        """Grow now to hold positions up to `position + tokens` (slots fill in position order
+        until the ring wraps), so the passes that write them do not pay for a growth."""
+        self._fit(min(position + tokens, self.slots) - 1)
+
     def configure(self, pinned: int, margin: int) -> None:
         ring = self.slots - pinned
         if pinned < 0 or margin < 0 or ring - margin < self.spec.chunk_tokens:

@@ -97,6 +97,9 @@ def ours(lm: Any) -> Starter:
     def start() -> Step:
         engine = LMEngine(lm)
         logits = engine.feed(ids)
+        # the KV room for the reply, made before it like the responder does while the person
+        # talks (and like genai's generator, whose buffers exist before its first token)
+        engine.reserve(DECODE_TOKENS)
 
         def step() -> None:  # no stop token: always 64 steps, like the others
             nonlocal logits

@@ -213,3 +213,27 @@ def test_slot_axis_grows_in_buckets_with_the_same_logits(tiny_chat_bundle: Path)
     # a rollback after growth keeps the grown buffers and stays exact
     assert grown.rollback(120) and static.rollback(120)
     np.testing.assert_allclose(grown.feed(ids[120:130]), static.feed(ids[120:130]), atol=1e-4)
+
+
+def test_reserve_grows_before_the_reply_steps(tiny_chat_bundle: Path) -> None:
+    """`reserve` makes the room for a reply while the person talks: the reply's steps then run
+    without a growth, re-bound to the grown buffers, with the logits of an engine that grows
+    during them; a reserve past the capacity stops at it."""
+    from edgestream.runtime.responder.engine import LMEngine
+    from edgestream.runtime.responder.lm import load_lm
+
+    lm = load_lm(tiny_chat_bundle, provider="cpu")
+    ids = np.random.default_rng(7).integers(10, 49000, 60).tolist()
+    ahead, late = LMEngine(lm, pinned=4), LMEngine(lm, pinned=4)
+    ahead.feed(ids[:20])
+    late.feed(ids[:20])
+    assert ahead.kv.size == late.kv.size == 32
+    ahead.reserve(40)  # 60 positions: the 64-slot bucket, before any step
+    assert ahead.kv.size == 64
+    sizes, diffs = [], []
+    for t in ids[20:]:
+        diffs.append(float(np.abs(ahead.feed([t]) - late.feed([t])).max()))
+        sizes.append(ahead.kv.size)
+    assert set(sizes) == {64} and late.kv.size == 64 and max(diffs) < 1e-4
+    ahead.reserve(10_000)
+    assert ahead.kv.size == 256  # the bundle's capacity
