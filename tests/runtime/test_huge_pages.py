@@ -58,7 +58,9 @@ def test_only_wholly_resident_ranges_are_collapsed() -> None:
     done = huge_pages.collapse_new(before)
     after = _rollup()
     # an 8 MiB mapping holds at least three aligned 2 MiB ranges; the sparse one gives none
-    assert 6 * MiB <= done <= 8 * MiB + 4 * MiB, done
+    # (no upper bound: a new mapping the kernel merged with an older neighbour counts as new,
+    # and that neighbour's wholly resident ranges may be collapsed too, at no memory cost)
+    assert done >= 6 * MiB, done
     assert after["AnonHugePages"] - rss["AnonHugePages"] >= 6 * MiB
     # the same pages, now large: resident memory did not grow (the sparse one was not filled)
     assert after["Rss"] - rss["Rss"] < 2 * MiB, (rss, after)
