@@ -9,8 +9,13 @@ prepacked weights sit in new anonymous mappings; `collapse_new` turns each 2 MiB
 of them that is wholly resident into one huge page (MADV_COLLAPSE, Linux 6.1+). Only wholly
 resident ranges are touched, so resident memory does not grow (collapsing a partly used range
 would fill its holes). Measured (tests/benchmarks/lm_decode.py, SmolLM2 int8, one thread,
-token by token): 4 to 6 % more tokens per second, and less of the load-order spread (a session
-created early in a process ran up to 15 % slower than the same one created later).
+token by token): 4 to 6 % more tokens per second in one process, and the load-order spread gone
+(on 4 KiB pages a session created early in a process ran up to 27 % slower than the same one
+created later).
+
+Only new mappings are looked at, so the session fixes glibc's mmap threshold first
+(`memory.return_large_blocks`): otherwise a large block may reuse freed heap space, which no new
+mapping reveals, and those weights would stay on small pages.
 
 A no-op where the kernel or libc cannot do it (older kernels, THP "never", macOS), or with
 EDGESTREAM_HUGE_PAGES=0."""

@@ -17,6 +17,7 @@ from edgestream.runtime.cuda_graphs import CaptureDecision, CaptureSlots, decide
 from edgestream.runtime.errors import BundleError, OptionError, ProviderError
 from edgestream.runtime.events.stats import Histogram
 from edgestream.runtime.manifest import GraphSpec, TensorSpec
+from edgestream.runtime.memory import return_large_blocks
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,9 @@ class GraphSession:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                    "cpu:0")
         self.config = config
+        # large blocks in mappings of their own (not reused heap space), so the weights this
+        # session allocates show up as new mappings that `huge_pages` can collapse
+        return_large_blocks()
         before = huge_pages.anonymous_regions()
         self.session = self._open(ort, opts, providers, options)
         self.capture = decide(spec.name, self.provider, config.execution,
