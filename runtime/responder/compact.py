@@ -103,14 +103,16 @@ class CompactKV:
             return
         if need > self.slots:
             self._compact(start)
-            need = self.fill + size
-        if need > self._size:
-            self._allocate(next(b for b in self.buckets if b >= need))
+        self._grow(self.fill + size)
 
     def reserve(self, position: int, tokens: int) -> None:
         """Grow now to hold `tokens` more rows (up to the capacity), so that the passes that
-        write them do not pay for a growth (one copy of every buffer and a re-bind)."""
-        need = min(self.fill + tokens, self.slots)
+        write them do not pay for a growth (one copy of every buffer and a re-bind).
+        `position` is unused here (rows sit in order from slot 0); RingKV needs it."""
+        self._grow(min(self.fill + tokens, self.slots))
+
+    def _grow(self, need: int) -> None:
+        """Buffers of the smallest bucket holding `need` rows, if they are smaller now."""
         if need > self._size:
             self._allocate(next(b for b in self.buckets if b >= need))
 

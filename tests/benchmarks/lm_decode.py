@@ -215,15 +215,15 @@ def _llama_extra_buffers_work(gguf: Path) -> bool:
 
 def llamacpp(folder: Path, ids: list[int], threads: int) -> tuple[Starter, str]:
     """The starter, and how llama.cpp's weights are held (with or without its extra buffers)."""
-    import llama_cpp
-    import llama_cpp.llama as llama_module
+    import llama_cpp.llama as llama_module  # Llama reads its model defaults from here
     from llama_cpp import Llama
 
     from edgestream.export.lm.recipe import SMOLLM2_GGUF
 
     gguf = folder / SMOLLM2_GGUF
     note = "default buffers"
-    defaults = llama_cpp.llama_model_default_params
+    bindings = llama_module.llama_cpp
+    defaults = bindings.llama_model_default_params
     if not _llama_extra_buffers_work(gguf):
         note = "extra buffer types off (with them llama.cpp crashed on this CPU)"
 
@@ -232,11 +232,11 @@ def llamacpp(folder: Path, ids: list[int], threads: int) -> tuple[Starter, str]:
             params.use_extra_bufts = False
             return params
 
-        llama_module.llama_cpp.llama_model_default_params = plain_buffers
+        bindings.llama_model_default_params = plain_buffers
     try:
         llm = Llama(str(gguf), n_ctx=1024, n_threads=threads or os.cpu_count(), verbose=False)
     finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults
+        bindings.llama_model_default_params = defaults
 
     def start() -> Step:
         llm.reset()

@@ -352,10 +352,11 @@ def _published_width_stack(path: Path, width: int = 320, layers: int = 6, vocab:
 @pytest.mark.parametrize("precision", ["int4", "int8-nbits"])
 def test_block_and_step_agree_at_published_width(precision: str, tmp_path: Path) -> None:
     """Per-row int8 activations (MatMulNBits accuracy level 4) are not enough at published width
-    on every CPU: the fp32 operators in between round differently for 1 and 16 rows, an activation on an int8
-    rounding boundary moves a whole step, and depth amplifies it (measured on moonshine_streaming
-    tiny: 1.7e-2). A graph run at several token counts keeps fp32 activations (int8-nbits: as
-    two 4-bit halves), and its 16-row block and 16 single rows then agree within 1e-4."""
+    on every CPU: the fp32 operators in between round differently for 1 and 16 rows, an
+    activation on an int8 rounding boundary moves a whole step, and depth amplifies it (measured
+    on moonshine_streaming tiny: 1.7e-2). A graph run at several token counts keeps fp32
+    activations (int8-nbits: as two 4-bit halves), and its 16-row block and 16 single rows then
+    agree within 1e-4."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 16, 320)).astype(np.float32)
     mix = (rng.standard_normal((320, 320)) / np.sqrt(320)).astype(np.float32)
