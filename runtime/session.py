@@ -3,6 +3,8 @@ check, and what each graph's runs cost on which provider."""
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
@@ -17,7 +19,7 @@ from edgestream.runtime.cuda_graphs import CaptureDecision, CaptureSlots, decide
 from edgestream.runtime.errors import BundleError, OptionError, ProviderError
 from edgestream.runtime.events.stats import Histogram
 from edgestream.runtime.manifest import GraphSpec, TensorSpec
-from edgestream.runtime.memory import return_large_blocks
+from edgestream.runtime.memory import packed_allocations
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +161,13 @@ class GraphSession:
     """One graph's onnxruntime session whose signature was checked against the manifest."""
 
     def __init__(self, path: Path, spec: GraphSpec, config: SessionConfig,
-                 shrink_arena: bool = False) -> None:
+                 shrink_arena: bool = False, pack_weights: bool = False) -> None:
         """`shrink_arena`: hand the CPU arena's free blocks back to the OS after each host run.
         For a graph that runs seldom with large activations (Whisper's encoder, once per 30 s
         window) the blocks would otherwise stay resident while the decoder runs, and the
-        decoder's own blocks would come on top of them at the process's peak."""
+        decoder's own blocks would come on top of them at the process's peak.
+        `pack_weights`: the prepacked weights are allocated one after another in the heap
+        (`memory.packed_allocations`), so that most of them can go on huge pages."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -192,11 +196,12 @@ class GraphSession:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                    "cpu:0")
         self.config = config
-        # large blocks in mappings of their own (not reused heap space), so the weights this
-        # session allocates show up as new mappings that `huge_pages` can collapse
-        return_large_blocks()
+        # Only where asked (the LM): the heap then holds the weights below later small blocks,
+        # and what those leave free stays resident (Whisper tiny.en's decoder packed: 15 MB
+        # more resident after a transcription, for a decoder whose weights are 30 MB)
         before = huge_pages.anonymous_regions()
-        self.session = self._open(ort, opts, providers, options)
+        with packed_allocations() if pack_weights else contextlib.nullcontext():
+            self.session = self._open(ort, opts, providers, options)
         self.capture = decide(spec.name, self.provider, config.execution,
                               config.captured_streams, self.node_providers())
         if self.capture.capture:

@@ -59,7 +59,8 @@ def load_lm(root: str | Path, provider: str = "auto", threads: int = 0) -> Langu
         tokenizer = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # tokenizers raises its own exception type
         raise BundleError(f"{tok_path}: not a readable tokenizers file ({e}); re-export") from e
-    session = GraphSession(path, step, SessionConfig(provider, threads))
+    # weights packed for huge pages: a decode step reads all of them (runtime/huge_pages.py)
+    session = GraphSession(path, step, SessionConfig(provider, threads), pack_weights=True)
     # the chunk is the same file at another size: its declared signature must fit it too
     session._check(session.session.get_inputs(), chunk.inputs, "input")
     session._check(session.session.get_outputs(), chunk.outputs, "output")

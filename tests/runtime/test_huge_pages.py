@@ -99,3 +99,4 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     region.write(b"\x01" * (4 * MiB))
     assert before == set() and huge_pages.collapse_new(before) == 0
     region.close()
+

@@ -51,6 +51,37 @@ def test_freed_large_blocks_go_back_to_the_os() -> None:
     assert return_large_blocks()  # idempotent in this process
 
 
+# A fresh process: where a 1 MiB block lands (the heap or a mapping of its own) before, inside and
+# after `packed_allocations`, and whether freed large blocks still go back to the OS after it.
+PACKED = r"""
+import ctypes
+from edgestream.runtime.memory import packed_allocations, return_large_blocks
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+def heap():
+    line = next(l for l in open("/proc/self/maps") if l.rstrip().endswith("[heap]"))
+    return [int(x, 16) for x in line.split()[0].split("-")]
+def where():
+    at = libc.malloc(1 << 20)
+    ctypes.memset(at, 1, 1 << 20)  # in use, so the next block cannot take its place
+    lo, hi = heap()
+    return "heap" if lo <= at < hi else "own"
+assert return_large_blocks()
+out = [where()]
+with packed_allocations():
+    out += [where(), where()]
+out.append(where())
+print(" ".join(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _is_glibc(), reason="glibc only")
+def test_packed_allocations_come_from_the_heap_only_while_a_session_loads() -> None:
+    out = subprocess.run([sys.executable, "-c", PACKED], capture_output=True, text=True,
+                         check=True, env={"PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["own", "heap", "heap", "own"], out
+
+
 def test_vad_session_opens_on_first_use(tiny_bundle: Path) -> None:
     model = load(tiny_bundle, provider="cpu", threads=1)
     vad = model.bundle.manifest.vad
