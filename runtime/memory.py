@@ -30,7 +30,7 @@ _libc: ctypes.CDLL | None = None
 def return_large_blocks() -> bool:
     """Fix glibc's mmap threshold (once per process; a no-op elsewhere, e.g. musl or macOS, or
     when the user set MALLOC_MMAP_THRESHOLD_ or EDGESTREAM_KEEP_MALLOC=1). True if it was set."""
-    global _done
+    global _done, _libc
     if _done:
         return True
     if os.environ.get("EDGESTREAM_KEEP_MALLOC") == "1" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -45,7 +45,6 @@ def return_large_blocks() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     if _done:
-        global _libc
         _libc = libc
         log.debug("glibc mmap threshold fixed at %d bytes", MMAP_THRESHOLD)
     return _done
