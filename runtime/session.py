@@ -4,7 +4,6 @@ check, and what each graph's runs cost on which provider."""
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from edgestream.runtime.cuda_graphs import CaptureDecision, CaptureSlots, decide
 from edgestream.runtime.errors import BundleError, OptionError, ProviderError
 from edgestream.runtime.events.stats import Histogram
 from edgestream.runtime.manifest import GraphSpec, TensorSpec
-from edgestream.runtime.memory import packed_allocations
+from edgestream.runtime.memory import packed_allocations, return_large_blocks
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +195,12 @@ class GraphSession:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                    "cpu:0")
         self.config = config
-        # Only where asked (the LM): the heap then holds the weights below later small blocks,
-        # and what those leave free stays resident (Whisper tiny.en's decoder packed: 15 MB
-        # more resident after a transcription, for a decoder whose weights are 30 MB)
+        # large blocks in mappings of their own (not reused heap space), so the weights this
+        # session allocates show up as new mappings that `huge_pages` can collapse. Packed into
+        # the heap only where asked (the LM): the heap then holds the weights below later small
+        # blocks, and what those leave free stays resident (Whisper tiny.en's decoder packed:
+        # 15 MB more resident after a transcription)
+        return_large_blocks()
         before = huge_pages.anonymous_regions()
         with packed_allocations() if pack_weights else contextlib.nullcontext():
             self.session = self._open(ort, opts, providers, options)

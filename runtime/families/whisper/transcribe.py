@@ -8,8 +8,8 @@ window edge is decoded again whole in the next one. Every window goes through th
 When a window's text closes well before the window ends, the model may have stopped early (the
 rest still holds speech: tiny.en int8 once dropped 8 s of a clip when that rest was skipped) or
 the rest may be silence, where a decode of its own invents words ("Thank you." after the last
-sentence, "Fail again." five more times: Whisper base, 9.8 % WER on the gate's 755 words against
-5.1 % with the check). The bundle's Silero VAD decides: the rest is decoded only if it holds
+sentence, "Fail again." five more times: Whisper base fp32, 9.8 % WER on the four real clips
+clean and in three 20 dB noisy copies, 608 words, against 5.1 % with the check). The bundle's Silero VAD decides: the rest is decoded only if it holds
 speech. Bundles without a VAD keep decoding it.
 """
 
