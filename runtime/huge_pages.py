@@ -13,10 +13,11 @@ token by token): 4 to 6 % more tokens per second in one process, and the load-or
 (on 4 KiB pages a session created early in a process ran up to 27 % slower than the same one
 created later).
 
-Only new mappings and the heap are looked at. onnxruntime prepacks each weight into a block of
-its own, mostly under 2 MiB for a small LM: as separate mappings none could be collapsed, so an
-LM session has them allocated one after another in the heap (`memory.packed_allocations`;
-SmolLM2-135M int8: 154 to 166 of 172 MiB on huge pages instead of 82 to 100).
+Only new mappings and the heap are looked at.
+onnxruntime prepacks each weight into a block of its own, mostly under 2 MiB for a small LM: as
+separate mappings none could be collapsed, so an LM session has them allocated one after another
+in the heap (`memory.packed_allocations`; SmolLM2-135M int8: 154 to 166 of 172 MiB on huge pages
+instead of 82 to 100).
 
 A no-op where the kernel or libc cannot do it (older kernels, THP "never", macOS), or with
 EDGESTREAM_HUGE_PAGES=0."""
@@ -91,9 +92,11 @@ def _libc() -> ctypes.CDLL | None:
 
 def collapse_new(before: set[Region]) -> int:
     """Collapse the wholly resident 2 MiB ranges of the mappings that are not in `before` (taken
-    with `anonymous_regions` before the allocation) and of the heap (blocks may have reused its
-    freed space without changing its bounds); returns how many more bytes the kernel counts on
-    huge pages. Never raises: a kernel that refuses leaves the pages as they were."""
+    with `anonymous_regions` before the allocation) and of the heap: blocks may have reused its
+    freed space without changing its bounds (glibc serves even a large block from a free heap
+    chunk, e.g. one an earlier LM session's packed weights left). Returns how many more bytes
+    the kernel counts on huge pages (reused space already on huge pages is not counted again).
+    Never raises: a kernel that refuses leaves the pages as they were."""
     if not enabled():
         return 0
     libc = _libc()
